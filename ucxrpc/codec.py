@@ -1,0 +1,436 @@
+"""Pure msgpack framing: frames, header, tags, limits. Bytes in, frames out.
+
+This module imports msgpack and the standard library only (no ucxx, no asyncio), so it
+can be tested and fuzzed on bytes alone.
+
+Frame layout (one UCX tag message)::
+
+    offset  size  field
+    0       1     version       (VERSION = 1; anything else is a ProtocolError)
+    1       1     kind          (Kind)
+    2       2     flags         (Flags, big endian)
+    4       4     header_len    (big endian)
+    8       4     payload_len   (big endian)
+    12      h     header        msgpack array [call_id, method, priority, timeout,
+                                                part_sizes, metadata]
+    12+h    p     payload       msgpack object (absent when Flags.PAYLOAD_OOB)
+
+Large bytes-like values in the payload are not copied into msgpack: each becomes an
+extension value (code ``EXT_PART``) naming a *part*, and the part travels as its own UCX
+message on a data tag, sent straight from the caller's buffer and received into a buffer
+of its exact size. When a frame would exceed the receiver's slot, the whole msgpack
+payload travels as the last part (``Flags.PAYLOAD_OOB``).
+
+Tag layout (64 bits)::
+
+    63   62                    40 39                             8 7        0
+    +---+------------------------+--------------------------------+----------+
+    | D |   connection id (23)   |          call id (32)          | part (8) |
+    +---+------------------------+--------------------------------+----------+
+
+* ``D`` is 0 for a frame and 1 for a data part.
+* The connection id is chosen by the *receiving* worker when the connection is set up
+  and is unique among that worker's live connections. Tags are matched worker-wide, so
+  a message can only ever match receives of the one connection it was addressed to:
+  two peers can never produce the same tag at one receiver.
+* The call id is chosen by the caller, unique among its calls in flight on the
+  connection; a reply carries the call id of its request, so the receive a caller posts
+  for ``frame_tag(conn, call)`` is matched by UCX itself to exactly that reply.
+* The part index is 0 for frames and 1..255 for the data parts of a frame.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from .errors import ProtocolError, ResourceExhausted
+
+__all__ = [
+    "CONN_ID_BITS",
+    "DATA_BIT",
+    "DEFAULT_OOB_THRESHOLD",
+    "FRAME_PROBE_MASK",
+    "FRAME_PROBE_TAG",
+    "MAX_CALL_ID",
+    "MAX_CONN_ID",
+    "MAX_PARTS",
+    "PREFIX_SIZE",
+    "VERSION",
+    "Encoded",
+    "Flags",
+    "Header",
+    "Kind",
+    "data_tag",
+    "decode_control",
+    "decode_header",
+    "decode_payload",
+    "encode",
+    "encode_control",
+    "frame_size",
+    "frame_tag",
+    "control_length",
+    "split_tag",
+]
+
+VERSION: Final = 1
+_PREFIX = struct.Struct("!BBHII")
+PREFIX_SIZE: Final = _PREFIX.size
+
+CONN_ID_BITS: Final = 23
+MAX_CONN_ID: Final = (1 << CONN_ID_BITS) - 1
+MAX_CALL_ID: Final = (1 << 32) - 1
+MAX_PARTS: Final = 255
+DATA_BIT: Final = 1 << 63
+#: Probing with this tag and mask matches every frame and no data part.
+FRAME_PROBE_TAG: Final = 0
+FRAME_PROBE_MASK: Final = DATA_BIT
+#: Bytes-like values at least this long travel as separate parts.
+DEFAULT_OOB_THRESHOLD: Final = 16 * 1024
+#: A header larger than this is rejected before it is parsed.
+MAX_HEADER_SIZE: Final = 64 * 1024
+EXT_PART: Final = 1
+_CONTROL_LEN = struct.Struct("!I")
+
+
+class Kind(enum.IntEnum):
+    """What a frame is."""
+
+    REQUEST = 1
+    NOTIFY = 2
+    CANCEL = 3
+    REPLY = 4
+    ERROR = 5
+
+
+class Flags(enum.IntFlag):
+    """Per-frame flags."""
+
+    NONE = 0
+    #: The msgpack payload is the frame's last part instead of inline.
+    PAYLOAD_OOB = 1
+
+
+_KINDS: Final = frozenset(int(k) for k in Kind)
+_KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB)
+
+
+def frame_tag(conn_id: int, call_id: int) -> int:
+    """The tag of a frame for call ``call_id`` sent to connection ``conn_id``."""
+    return (conn_id << 40) | (call_id << 8)
+
+
+def data_tag(conn_id: int, call_id: int, part: int) -> int:
+    """The tag of data part ``part`` (1-based) of a frame for ``call_id``."""
+    return DATA_BIT | (conn_id << 40) | (call_id << 8) | part
+
+
+def split_tag(tag: int) -> tuple[bool, int, int, int]:
+    """Split a tag into ``(is_data, conn_id, call_id, part)``."""
+    return (
+        bool(tag & DATA_BIT),
+        (tag >> 40) & MAX_CONN_ID,
+        (tag >> 8) & MAX_CALL_ID,
+        tag & 0xFF,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """The decoded header of a frame.
+
+    Attributes:
+        kind: What the frame is.
+        call_id: The call it belongs to.
+        method: The method name (requests and notifications).
+        priority: The call's priority (higher runs first); ``None`` when the caller
+            left it to the method's default.
+        timeout: Seconds left until the call's deadline, ``None`` for no deadline.
+        flags: Per-frame flags.
+        parts: Sizes of the data parts that follow the frame, in order.
+        metadata: Per-call metadata, if any.
+    """
+
+    kind: Kind
+    call_id: int
+    method: str = ""
+    priority: int | None = None
+    timeout: float | None = None
+    flags: Flags = Flags.NONE
+    parts: tuple[int, ...] = ()
+    metadata: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A frame ready to send: the frame bytes and the data parts that follow it."""
+
+    frame: bytes
+    parts: list[Any] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Total bytes on the wire (frame plus parts)."""
+        return len(self.frame) + sum(_nbytes(p) for p in self.parts)
+
+
+def _nbytes(buf: Any) -> int:
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def _is_large(obj: Any, threshold: int) -> bool:
+    t = type(obj)
+    if t is bytes or t is bytearray:
+        return len(obj) >= threshold
+    if t is memoryview:
+        return bool(obj.nbytes >= threshold)
+    if t is list or t is tuple:
+        return any(_is_large(x, threshold) for x in obj)
+    if t is dict:
+        return any(_is_large(x, threshold) for x in obj.values())
+    return False
+
+
+def _extract(obj: Any, parts: list[Any], threshold: int) -> Any:
+    t = type(obj)
+    if t is bytes or t is bytearray or t is memoryview:
+        if _nbytes(obj) >= threshold and len(parts) < MAX_PARTS - 1:
+            parts.append(obj)
+            return msgpack.ExtType(EXT_PART, bytes((len(parts) - 1,)))
+        return obj
+    if t is list or t is tuple:
+        return [_extract(x, parts, threshold) for x in obj]
+    if t is dict:
+        return {k: _extract(v, parts, threshold) for k, v in obj.items()}
+    return obj
+
+
+def _packer_default(parts: list[Any], threshold: int) -> Any:
+    def default(obj: Any) -> Any:
+        # Anything with the buffer protocol (numpy arrays, ...) travels as raw bytes.
+        try:
+            view = memoryview(obj)
+        except TypeError:
+            raise TypeError(f"cannot serialize {type(obj).__qualname__!r}") from None
+        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
+        return _extract(view, parts, threshold)
+
+    return default
+
+
+def encode(
+    kind: Kind,
+    call_id: int,
+    payload: Any = None,
+    *,
+    method: str = "",
+    priority: int | None = None,
+    timeout: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    oob_threshold: int = DEFAULT_OOB_THRESHOLD,
+    inline_limit: int | None = None,
+    max_size: int | None = None,
+) -> Encoded:
+    """Encode a frame.
+
+    Args:
+        kind: The frame kind.
+        call_id: The call id (0..2**32-1).
+        payload: Any msgpack-serialisable object; bytes-like values of at least
+            ``oob_threshold`` bytes become separate parts.
+        method: Method name (requests and notifications).
+        priority: Call priority (0..255), or ``None`` for the method's default.
+        timeout: Seconds left until the deadline, or ``None``.
+        metadata: Per-call metadata (str keys, str or bytes values).
+        oob_threshold: Size from which bytes-like values travel as parts.
+        inline_limit: If set and the frame would be larger, the payload travels as
+            the last part (the receiver posted a receive of this size).
+        max_size: If set, the total size (frame and parts) may not exceed it.
+
+    Returns:
+        The frame and its parts.
+
+    Raises:
+        TypeError: The payload holds a value msgpack cannot carry.
+        ResourceExhausted: The message is larger than ``max_size``.
+    """
+    parts: list[Any] = []
+    if _is_large(payload, oob_threshold):
+        payload = _extract(payload, parts, oob_threshold)
+    body = msgpack.packb(
+        payload, default=_packer_default(parts, oob_threshold), use_bin_type=True
+    )
+    flags = Flags.NONE
+    header_obj = [call_id, method, priority, timeout, None, metadata]
+    if inline_limit is not None and PREFIX_SIZE + 64 + len(body) > inline_limit:
+        flags = Flags.PAYLOAD_OOB
+        parts.append(body)
+        body = b""
+    header_obj[4] = [_nbytes(p) for p in parts]
+    header = msgpack.packb(header_obj, use_bin_type=True)
+    frame = b"".join(
+        (_PREFIX.pack(VERSION, kind, flags, len(header), len(body)), header, body)
+    )
+    encoded = Encoded(frame, parts)
+    if max_size is not None and encoded.size > max_size:
+        raise ResourceExhausted(
+            f"message of {encoded.size} bytes exceeds the limit of {max_size} bytes"
+        )
+    return encoded
+
+
+def frame_size(buf: Any) -> int:
+    """The total size of the frame that starts at ``buf`` (from its prefix).
+
+    Raises:
+        ProtocolError: Fewer bytes than a prefix.
+    """
+    if len(buf) < PREFIX_SIZE:
+        raise ProtocolError(f"truncated frame: {len(buf)} bytes, the prefix needs {PREFIX_SIZE}")
+    _, _, _, hlen, plen = _PREFIX.unpack_from(buf)
+    return int(PREFIX_SIZE + hlen + plen)
+
+
+def decode_header(
+    buf: Any, *, max_size: int | None = None, exact: bool = True
+) -> tuple[Header, memoryview]:
+    """Decode a frame's header; the payload is returned undecoded.
+
+    Args:
+        buf: The received bytes (bytes, bytearray or memoryview).
+        max_size: If set, a frame announcing more bytes (frame plus parts) is rejected.
+        exact: Require ``buf`` to hold exactly one frame; when False, bytes after the
+            frame (the rest of a receive slot) are ignored.
+
+    Returns:
+        The header and a view of the inline payload (empty with ``PAYLOAD_OOB``).
+
+    Raises:
+        ProtocolError: Unknown version or kind, truncated, oversized or malformed.
+    """
+    view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+    n = view.nbytes
+    if n < PREFIX_SIZE:
+        raise ProtocolError(f"truncated frame: {n} bytes, the prefix needs {PREFIX_SIZE}")
+    version, kind, flags, hlen, plen = _PREFIX.unpack_from(view)
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+    if kind not in _KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if flags & ~_KNOWN_FLAGS:
+        raise ProtocolError(f"unknown frame flags {flags:#x}")
+    if hlen > MAX_HEADER_SIZE:
+        raise ProtocolError(f"oversized header: {hlen} bytes (limit {MAX_HEADER_SIZE})")
+    total = PREFIX_SIZE + hlen + plen
+    if total > n:
+        raise ProtocolError(f"truncated frame: {n} bytes received, {total} announced")
+    if exact and total != n:
+        raise ProtocolError(f"frame of {total} bytes followed by {n - total} stray bytes")
+    try:
+        fields = msgpack.unpackb(view[PREFIX_SIZE : PREFIX_SIZE + hlen], use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"malformed frame header: {exc}") from None
+    if type(fields) is not list or len(fields) != 6:
+        raise ProtocolError("malformed frame header: expected an array of 6 fields")
+    call_id, method, priority, timeout, part_sizes, metadata = fields
+    if (
+        type(call_id) is not int
+        or not 0 <= call_id <= MAX_CALL_ID
+        or type(method) is not str
+        or not (priority is None or (type(priority) is int and 0 <= priority <= 255))
+        or not (timeout is None or type(timeout) in (int, float))
+        or type(part_sizes) is not list
+        or not (metadata is None or type(metadata) is dict)
+    ):
+        raise ProtocolError("malformed frame header: a field has the wrong type")
+    if len(part_sizes) > MAX_PARTS or any(type(s) is not int or s < 0 for s in part_sizes):
+        raise ProtocolError("malformed frame header: bad part sizes")
+    if flags & Flags.PAYLOAD_OOB and (plen or not part_sizes):
+        raise ProtocolError("malformed frame: out-of-band payload without its part")
+    if max_size is not None:
+        announced = total + sum(part_sizes)
+        if announced > max_size:
+            raise ProtocolError(
+                f"oversized message: {announced} bytes announced, the limit is {max_size}"
+            )
+    header = Header(
+        Kind(kind),
+        call_id,
+        method,
+        priority,
+        None if timeout is None else float(timeout),
+        Flags(flags),
+        tuple(part_sizes),
+        metadata,
+    )
+    return header, view[PREFIX_SIZE + hlen : total]
+
+
+def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> Any:
+    """Decode a frame's payload, putting its received parts back in place.
+
+    Args:
+        header: The frame's header (from :func:`decode_header`).
+        payload: The inline payload view.
+        parts: The received data parts, in order (``len == len(header.parts)``).
+
+    Returns:
+        The payload object. Parts come back as the received buffers (bytearray).
+
+    Raises:
+        ProtocolError: Malformed msgpack or a reference to a missing part.
+    """
+    if len(parts) != len(header.parts):
+        raise ProtocolError(f"frame announced {len(header.parts)} parts, {len(parts)} given")
+    if header.flags & Flags.PAYLOAD_OOB:
+        payload, parts = parts[-1], parts[:-1]
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code != EXT_PART or len(data) != 1 or data[0] >= len(parts):
+            raise ProtocolError(f"bad extension value (code {code})")
+        return parts[data[0]]
+
+    try:
+        return msgpack.unpackb(payload, ext_hook=ext_hook, use_list=True, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed payload: {exc}") from None
+
+
+def encode_control(message: dict[str, Any]) -> bytes:
+    """Encode a control message (bootstrap connection): 4-byte length + msgpack map."""
+    body = msgpack.packb(message, use_bin_type=True)
+    return _CONTROL_LEN.pack(len(body)) + body
+
+
+def control_length(prefix: bytes, limit: int = 1 << 20) -> int:
+    """The body length announced by a control message's 4-byte prefix.
+
+    Raises:
+        ProtocolError: The announced length exceeds ``limit``.
+    """
+    (n,) = _CONTROL_LEN.unpack(prefix)
+    if n > limit:
+        raise ProtocolError(f"oversized control message: {n} bytes (limit {limit})")
+    return int(n)
+
+
+def decode_control(body: bytes) -> dict[str, Any]:
+    """Decode a control message body.
+
+    Raises:
+        ProtocolError: The body is not a msgpack map.
+    """
+    try:
+        obj = msgpack.unpackb(body)
+    except Exception as exc:
+        raise ProtocolError(f"malformed control message: {exc}") from None
+    if type(obj) is not dict:
+        raise ProtocolError("malformed control message: expected a map")
+    return obj
