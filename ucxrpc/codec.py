@@ -44,8 +44,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import msgpack
 
@@ -116,8 +115,13 @@ class Flags(enum.IntFlag):
     PAYLOAD_OOB = 1
 
 
-_KINDS: Final = frozenset(int(k) for k in Kind)
+_KIND_BY_VALUE: Final = {int(k): k for k in Kind}
+_packb = msgpack.packb
+_unpackb = msgpack.unpackb
+_pack_prefix = _PREFIX.pack
+_unpack_prefix = _PREFIX.unpack_from
 _KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB)
+_PAYLOAD_OOB: Final = int(Flags.PAYLOAD_OOB)
 
 
 def frame_tag(conn_id: int, call_id: int) -> int:
@@ -140,8 +144,7 @@ def split_tag(tag: int) -> tuple[bool, int, int, int]:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(NamedTuple):
     """The decoded header of a frame.
 
     Attributes:
@@ -151,7 +154,7 @@ class Header:
         priority: The call's priority (higher runs first); ``None`` when the caller
             left it to the method's default.
         timeout: Seconds left until the call's deadline, ``None`` for no deadline.
-        flags: Per-frame flags.
+        flags: Per-frame flags (:class:`Flags` bits).
         parts: Sizes of the data parts that follow the frame, in order.
         metadata: Per-call metadata, if any.
     """
@@ -161,17 +164,16 @@ class Header:
     method: str = ""
     priority: int | None = None
     timeout: float | None = None
-    flags: Flags = Flags.NONE
+    flags: int = 0
     parts: tuple[int, ...] = ()
     metadata: dict[str, Any] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Encoded:
+class Encoded(NamedTuple):
     """A frame ready to send: the frame bytes and the data parts that follow it."""
 
     frame: bytes
-    parts: list[Any] = field(default_factory=list)
+    parts: list[Any]
 
     @property
     def size(self) -> int:
@@ -184,15 +186,25 @@ def _nbytes(buf: Any) -> int:
 
 
 def _is_large(obj: Any, threshold: int) -> bool:
+    # Called on every payload: plain loops, no generators.
     t = type(obj)
     if t is bytes or t is bytearray:
         return len(obj) >= threshold
+    if t is list or t is tuple:
+        for x in obj:
+            tx = type(x)
+            if tx is str or tx is int or tx is float or x is None:
+                continue
+            if _is_large(x, threshold):
+                return True
+        return False
+    if t is dict:
+        for x in obj.values():
+            if _is_large(x, threshold):
+                return True
+        return False
     if t is memoryview:
         return bool(obj.nbytes >= threshold)
-    if t is list or t is tuple:
-        return any(_is_large(x, threshold) for x in obj)
-    if t is dict:
-        return any(_is_large(x, threshold) for x in obj.values())
     return False
 
 
@@ -262,26 +274,29 @@ def encode(
     parts: list[Any] = []
     if _is_large(payload, oob_threshold):
         payload = _extract(payload, parts, oob_threshold)
-    body = msgpack.packb(
-        payload, default=_packer_default(parts, oob_threshold), use_bin_type=True
-    )
-    flags = Flags.NONE
-    header_obj = [call_id, method, priority, timeout, None, metadata]
-    if inline_limit is not None and PREFIX_SIZE + 64 + len(body) > inline_limit:
-        flags = Flags.PAYLOAD_OOB
+    try:
+        body = _packb(payload, use_bin_type=True)
+    except TypeError:
+        # Only objects msgpack does not know reach the (slower) buffer-protocol hook.
+        del parts[:]
+        if _is_large(payload, oob_threshold):
+            payload = _extract(payload, parts, oob_threshold)
+        body = _packb(payload, default=_packer_default(parts, oob_threshold), use_bin_type=True)
+    flags = 0
+    if inline_limit is not None and PREFIX_SIZE + 64 + len(method) + len(body) > inline_limit:
+        flags = _PAYLOAD_OOB
         parts.append(body)
         body = b""
-    header_obj[4] = [_nbytes(p) for p in parts]
-    header = msgpack.packb(header_obj, use_bin_type=True)
-    frame = b"".join(
-        (_PREFIX.pack(VERSION, kind, flags, len(header), len(body)), header, body)
-    )
-    encoded = Encoded(frame, parts)
-    if max_size is not None and encoded.size > max_size:
-        raise ResourceExhausted(
-            f"message of {encoded.size} bytes exceeds the limit of {max_size} bytes"
-        )
-    return encoded
+    sizes = [_nbytes(p) for p in parts] if parts else []
+    header = _packb([call_id, method, priority, timeout, sizes, metadata])
+    frame = _pack_prefix(VERSION, kind, flags, len(header), len(body)) + header + body
+    if max_size is not None:
+        total = len(frame) + sum(sizes)
+        if total > max_size:
+            raise ResourceExhausted(
+                f"message of {total} bytes exceeds the limit of {max_size} bytes"
+            )
+    return Encoded(frame, parts)
 
 
 def frame_size(buf: Any) -> int:
@@ -313,26 +328,27 @@ def decode_header(
     Raises:
         ProtocolError: Unknown version or kind, truncated, oversized or malformed.
     """
-    view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
-    n = view.nbytes
+    n = len(buf)
     if n < PREFIX_SIZE:
         raise ProtocolError(f"truncated frame: {n} bytes, the prefix needs {PREFIX_SIZE}")
-    version, kind, flags, hlen, plen = _PREFIX.unpack_from(view)
+    version, kind, flags, hlen, plen = _unpack_prefix(buf)
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-    if kind not in _KINDS:
+    kind_enum = _KIND_BY_VALUE.get(kind)
+    if kind_enum is None:
         raise ProtocolError(f"unknown frame kind {kind}")
     if flags & ~_KNOWN_FLAGS:
         raise ProtocolError(f"unknown frame flags {flags:#x}")
     if hlen > MAX_HEADER_SIZE:
         raise ProtocolError(f"oversized header: {hlen} bytes (limit {MAX_HEADER_SIZE})")
-    total = PREFIX_SIZE + hlen + plen
+    end = PREFIX_SIZE + hlen
+    total = end + plen
     if total > n:
         raise ProtocolError(f"truncated frame: {n} bytes received, {total} announced")
     if exact and total != n:
         raise ProtocolError(f"frame of {total} bytes followed by {n - total} stray bytes")
     try:
-        fields = msgpack.unpackb(view[PREFIX_SIZE : PREFIX_SIZE + hlen], use_list=True)
+        fields = _unpackb(buf[PREFIX_SIZE:end])
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"malformed frame header: {exc}") from None
     if type(fields) is not list or len(fields) != 6:
@@ -343,32 +359,29 @@ def decode_header(
         or not 0 <= call_id <= MAX_CALL_ID
         or type(method) is not str
         or not (priority is None or (type(priority) is int and 0 <= priority <= 255))
-        or not (timeout is None or type(timeout) in (int, float))
+        or not (timeout is None or type(timeout) is float or type(timeout) is int)
         or type(part_sizes) is not list
         or not (metadata is None or type(metadata) is dict)
     ):
         raise ProtocolError("malformed frame header: a field has the wrong type")
-    if len(part_sizes) > MAX_PARTS or any(type(s) is not int or s < 0 for s in part_sizes):
-        raise ProtocolError("malformed frame header: bad part sizes")
-    if flags & Flags.PAYLOAD_OOB and (plen or not part_sizes):
-        raise ProtocolError("malformed frame: out-of-band payload without its part")
-    if max_size is not None:
-        announced = total + sum(part_sizes)
-        if announced > max_size:
+    if part_sizes:
+        if len(part_sizes) > MAX_PARTS or any(type(s) is not int or s < 0 for s in part_sizes):
+            raise ProtocolError("malformed frame header: bad part sizes")
+        if max_size is not None and total + sum(part_sizes) > max_size:
             raise ProtocolError(
-                f"oversized message: {announced} bytes announced, the limit is {max_size}"
+                f"oversized message: {total + sum(part_sizes)} bytes announced, "
+                f"the limit is {max_size}"
             )
+    elif flags & _PAYLOAD_OOB:
+        raise ProtocolError("malformed frame: out-of-band payload without its part")
+    if flags & _PAYLOAD_OOB and plen:
+        raise ProtocolError("malformed frame: out-of-band payload and an inline one")
+    if max_size is not None and total > max_size:
+        raise ProtocolError(f"oversized message: {total} bytes, the limit is {max_size}")
     header = Header(
-        Kind(kind),
-        call_id,
-        method,
-        priority,
-        None if timeout is None else float(timeout),
-        Flags(flags),
-        tuple(part_sizes),
-        metadata,
+        kind_enum, call_id, method, priority, timeout, flags, tuple(part_sizes), metadata
     )
-    return header, view[PREFIX_SIZE + hlen : total]
+    return header, memoryview(buf)[end:total]
 
 
 def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> Any:
@@ -387,7 +400,7 @@ def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> A
     """
     if len(parts) != len(header.parts):
         raise ProtocolError(f"frame announced {len(header.parts)} parts, {len(parts)} given")
-    if header.flags & Flags.PAYLOAD_OOB:
+    if header.flags & _PAYLOAD_OOB:
         payload, parts = parts[-1], parts[:-1]
 
     def ext_hook(code: int, data: bytes) -> Any:

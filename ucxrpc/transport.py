@@ -69,10 +69,13 @@ class Link:
         if self.closed:
             raise ConnectionLost("connection closed")
         engine, ep, rid = self.engine, self.ep, self.remote_id
-        engine.send(ep, encoded.frame, codec.frame_tag(rid, call_id), self._send_done)
-        for i, part in enumerate(encoded.parts, 1):
-            engine.send(ep, part, codec.data_tag(rid, call_id, i), self._send_done)
-        self.bytes_sent += encoded.size
+        frame, parts = encoded
+        engine.send(ep, frame, codec.frame_tag(rid, call_id), self._send_done)
+        self.bytes_sent += len(frame)
+        if parts:
+            for i, part in enumerate(parts, 1):
+                engine.send(ep, part, codec.data_tag(rid, call_id, i), self._send_done)
+            self.bytes_sent += encoded.size - len(frame)
 
     def recv_frame(self, call_id: int, cb: Callable[[BaseException | None], None],
                    buf: bytearray) -> Op:
