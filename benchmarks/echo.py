@@ -226,7 +226,8 @@ def raw_server(args: argparse.Namespace) -> None:
                     b = await probe_recv(base + 2)
                     await ep.send(b, tag=base + 3, force_tag=True)
             elif op == 3:  # `count` slots, each ping-ponging until a 0xFF payload
-                async def slot(i: int) -> None:
+
+                async def slot(i: int, size: int = size) -> None:
                     b = np.empty(size, dtype=np.uint8)
                     while True:
                         await ep.recv(b, tag=base + 16 + 2 * i, force_tag=True)
@@ -294,7 +295,9 @@ def raw_client(args: argparse.Namespace) -> dict[str, Any]:
                 await ep.recv(out, tag=base + 3, force_tag=True)
                 return out
 
-            async def many(data: bytes, width: int, seconds: float) -> int:
+            async def many(
+                data: bytes, width: int, seconds: float, session: dict[str, Any] = session
+            ) -> int:
                 if session.get("open"):
                     await end()
                     session["open"] = False
@@ -365,9 +368,18 @@ def run_pair(impl: str, mode: str, args: argparse.Namespace) -> Any:
         if not line or line[0] != "READY":
             raise RuntimeError(f"{impl} server did not start")
         extra = [
-            "--port", line[1], "--server-pid", str(server.pid),
-            "--iters", str(args.iters), "--warmup", str(args.warmup),
-            "--thr-seconds", str(args.thr_seconds), "--bw-iters", str(args.bw_iters),
+            "--port",
+            line[1],
+            "--server-pid",
+            str(server.pid),
+            "--iters",
+            str(args.iters),
+            "--warmup",
+            str(args.warmup),
+            "--thr-seconds",
+            str(args.thr_seconds),
+            "--bw-iters",
+            str(args.bw_iters),
         ]
         client = spawn("client", impl, mode, extra, env)
         out, _ = client.communicate(timeout=args.time_budget)
@@ -416,23 +428,33 @@ def main() -> None:
     for mode in args.modes.split(","):
         rows[f"ucxrpc {mode}"] = run_pair("ucxrpc", mode, args)
     ref = rows["raw ucxx (tag probe)"]
-    print(f"\nunary echo, two processes on {HOST}"
-          f"{' UCX_TLS=' + args.tls if args.tls else ''}; ratios vs raw ucxx (tag probe)\n")
-    head = ("| config | p50 us | p99 us | p50 ratio | calls/s @64 | 16 MiB MiB/s "
-            "| idle CPU srv/cli % |")
+    print(
+        f"\nunary echo, two processes on {HOST}"
+        f"{' UCX_TLS=' + args.tls if args.tls else ''}; ratios vs raw ucxx (tag probe)\n"
+    )
+    head = (
+        "| config | p50 us | p99 us | p50 ratio | calls/s @64 | 16 MiB MiB/s | idle CPU srv/cli % |"
+    )
     print(head)
     print("|" + "---|" * 7)
     for name, r in rows.items():
         ratio = r["p50_us"] / ref["p50_us"]
-        print(f"| {name} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {ratio:.2f}x "
-              f"| {r['calls_per_s']:,} | {r['mib_per_s']:,} "
-              f"| {r['idle_cpu_server_pct']:.0f} / {r['idle_cpu_client_pct']:.0f} |")
+        print(
+            f"| {name} | {r['p50_us']:.1f} | {r['p99_us']:.1f} | {ratio:.2f}x "
+            f"| {r['calls_per_s']:,} | {r['mib_per_s']:,} "
+            f"| {r['idle_cpu_server_pct']:.0f} / {r['idle_cpu_client_pct']:.0f} |"
+        )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"iters": args.iters, "warmup": args.warmup, "thr_seconds": args.thr_seconds,
-            "bw_iters": args.bw_iters, "tls": args.tls or "default",
-            "python": sys.version.split()[0], "time": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                   time.gmtime())}
+    meta = {
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "thr_seconds": args.thr_seconds,
+        "bw_iters": args.bw_iters,
+        "tls": args.tls or "default",
+        "python": sys.version.split()[0],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"\nwritten {out}")
 

@@ -53,7 +53,7 @@ def convert_ucx_error(exc: BaseException) -> RpcError:
 class Op:
     """A UCX request in flight, with the buffer it uses and its completion callback."""
 
-    __slots__ = ("req", "cb", "buf", "is_recv")
+    __slots__ = ("buf", "cb", "is_recv", "req")
 
     def __init__(self, req: Any, cb: Callback | None, buf: Any, is_recv: bool) -> None:
         self.req = req
@@ -120,9 +120,8 @@ class Engine:
         now = time.perf_counter()
         if active:
             self._last_event = now
-        elif not self._poll_forever and now - self._last_event >= self._spin:
-            if worker.arm():
-                return  # asleep: the fd wakes us
+        elif not self._poll_forever and now - self._last_event >= self._spin and worker.arm():
+            return  # asleep: the fd wakes us
         self._scheduled = True
         self._loop.call_soon(self._drive)
 
@@ -225,9 +224,13 @@ class Engine:
             size: int = probe.length
             if size > self._max_frame:
                 # Receiving into a 1-byte buffer consumes the message (UCX truncates).
-                self._track(worker.tag_recv_with_handle(Array(junk := bytearray(1)), probe),
-                            junk, None)
-                self._run(lambda _e: self._on_oversized(tag, size), None)
+                self._track(
+                    worker.tag_recv_with_handle(Array(junk := bytearray(1)), probe), junk, None
+                )
+                try:
+                    self._on_oversized(tag, size)
+                except Exception:
+                    log.exception("ucxrpc: oversize handler failed")
                 continue
             buf = bytearray(size)
             req = worker.tag_recv_with_handle(Array(buf), probe)

@@ -7,8 +7,8 @@ import os
 # UCX reads its environment once, when ucxx is first imported.
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 
-from ucxx._lib import libucxx as lib  # noqa: E402
-from ucxx._lib.arr import Array  # noqa: E402
+from ucxx._lib import libucxx as lib
+from ucxx._lib.arr import Array
 
 __all__ = ["Array", "lib", "ucx_version"]
 

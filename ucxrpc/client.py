@@ -84,9 +84,7 @@ class Client:
             raise Unavailable(f"connecting to {host}:{port} timed out after {limit}s") from None
         except OSError as exc:
             await self._abort()
-            raise Unavailable(
-                f"cannot connect to {host}:{port}: {exc.strerror or exc}"
-            ) from None
+            raise Unavailable(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from None
         except BaseException:
             await self._abort()
             raise

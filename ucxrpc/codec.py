@@ -418,7 +418,7 @@ def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> A
 
 def encode_control(message: dict[str, Any]) -> bytes:
     """Encode a control message (bootstrap connection): 4-byte length + msgpack map."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return _CONTROL_LEN.pack(len(body)) + body
 
 

@@ -76,9 +76,7 @@ class Manager:
         loop = asyncio.get_running_loop()
         cfg = self.config
         try:
-            self._ctx = lib.UCXContext(
-                dict(cfg.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP)
-            )
+            self._ctx = lib.UCXContext(dict(cfg.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
             self._worker = lib.UCXWorker(self._ctx)
             self._worker.init_blocking_progress_mode()
         except Exception as exc:
@@ -169,7 +167,11 @@ class Manager:
             return
         if req.completed:
             return
-        op = Op(req, lambda _e: done.done() or done.set_result(None), None, False)
+        def closed(_exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        op = Op(req, closed, None, False)
         self._engine._ops.append(op)
         self._engine.kick()
         try:

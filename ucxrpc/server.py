@@ -66,6 +66,8 @@ class Server:
     @overload
     def rpc(
         self,
+        func: None = None,
+        /,
         *,
         name: str | None = None,
         priority: int = Priority.NORMAL,
@@ -459,8 +461,10 @@ class _ServerConn:
     def reply_exception(self, call_id: int, exc: BaseException) -> None:
         tb = "".join(traceback.format_exception(exc)) if self._tracebacks else ""
         kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ == "builtins" else (
-            f"{kind.__module__}.{kind.__qualname__}"
+        name = (
+            kind.__qualname__
+            if kind.__module__ == "builtins"
+            else (f"{kind.__module__}.{kind.__qualname__}")
         )
         self.reply(call_id, Kind.ERROR, [2, str(exc), None, name, tb])
 

@@ -77,8 +77,9 @@ class Link:
                 engine.send(ep, part, codec.data_tag(rid, call_id, i), self._send_done)
             self.bytes_sent += encoded.size - len(frame)
 
-    def recv_frame(self, call_id: int, cb: Callable[[BaseException | None], None],
-                   buf: bytearray) -> Op:
+    def recv_frame(
+        self, call_id: int, cb: Callable[[BaseException | None], None], buf: bytearray
+    ) -> Op:
         """Post a receive of the next frame for ``call_id`` into ``buf`` (a slot)."""
         return self.engine.recv(buf, codec.frame_tag(self.local_id, call_id), cb)
 
