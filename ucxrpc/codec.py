@@ -277,10 +277,8 @@ def encode(
     try:
         body = _packb(payload, use_bin_type=True)
     except TypeError:
-        # Only objects msgpack does not know reach the (slower) buffer-protocol hook.
-        del parts[:]
-        if _is_large(payload, oob_threshold):
-            payload = _extract(payload, parts, oob_threshold)
+        # Only objects msgpack does not know reach the (slower) buffer-protocol hook;
+        # the parts extracted above stay valid (the hook appends after them).
         body = _packb(payload, default=_packer_default(parts, oob_threshold), use_bin_type=True)
     flags = 0
     if inline_limit is not None and PREFIX_SIZE + 64 + len(method) + len(body) > inline_limit:

@@ -1,0 +1,114 @@
+"""Shared fixtures: a running manager, a server with a test service, a connected client."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import ucxrpc
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+@pytest.fixture
+async def manager() -> AsyncIterator[ucxrpc.Manager]:
+    async with ucxrpc.Manager() as m:
+        yield m
+    assert m.connections == 0
+
+
+def make_service() -> ucxrpc.Server:
+    """A server with the handlers most tests use."""
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def ping() -> str:
+        return "PONG"
+
+    @server.rpc(name="echo")
+    async def echo_impl(text: str) -> str:
+        return "REPLY:" + text
+
+    @server.rpc
+    def add(a: int, b: int) -> int:
+        return a + b
+
+    @server.rpc
+    async def blob(data: bytes) -> bytes:
+        return data
+
+    @server.rpc
+    async def sleep(seconds: float) -> str:
+        await asyncio.sleep(seconds)
+        return "AWAKE"
+
+    return server
+
+
+@pytest.fixture
+async def served(manager: ucxrpc.Manager) -> AsyncIterator[tuple[ucxrpc.Server, ucxrpc.Client]]:
+    server = make_service()
+    await server.start(manager, "127.0.0.1", 0)
+    client = await manager.connect("127.0.0.1", server.port)
+    yield server, client
+    await client.close()
+    await server.stop(grace=1.0)
+
+
+class Proc:
+    """A helper process started with subprocess (fork+exec: nothing of UCX is inherited)."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.popen = subprocess.Popen(
+            [sys.executable, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.pid = self.popen.pid
+
+    def read_ready(self, timeout: float = 30.0) -> list[str]:
+        """Wait for the child's ``READY ...`` line (bounded by pytest-timeout)."""
+        assert self.popen.stdout is not None
+        line = self.popen.stdout.readline().split()
+        if not line or line[0] != "READY":
+            self.stop()
+            _, err = self.popen.communicate(timeout=timeout)
+            raise AssertionError(f"helper did not start: {line!r} {err}")
+        return line[1:]
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
+        for stream in (self.popen.stdout, self.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def spawn() -> Iterator[Any]:
+    """Start helper scripts from tests/helpers; every one is stopped by pid at the end."""
+    procs: list[Proc] = []
+
+    def start(script: str, *args: str, env: dict[str, str] | None = None) -> Proc:
+        proc = Proc(str(HELPERS / script), *args, env=env)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()

@@ -1,0 +1,33 @@
+"""A test server in its own process: prints ``READY <port>`` and serves until killed."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import ucxrpc
+
+server = ucxrpc.Server()
+
+
+@server.rpc
+async def ping() -> str:
+    return "PONG"
+
+
+@server.rpc
+async def sleep(seconds: float) -> str:
+    await asyncio.sleep(seconds)
+    return "AWAKE"
+
+
+async def main() -> None:
+    async with ucxrpc.Manager() as manager:
+        await server.start(manager, "127.0.0.1", 0)
+        print(f"READY {server.port}", flush=True)
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    ucxrpc.run(main())
+    sys.exit(0)
