@@ -115,10 +115,12 @@ class Manager:
             self._state = "closed"
             return
         self._state = "closing"
-        for server in list(self._servers):
-            await server.stop(grace)
+        # Clients first: their pending calls end with Cancelled, not with ConnectionLost
+        # from our own servers going away underneath them.
         for client in list(self._clients):
             await client.close()
+        for server in list(self._servers):
+            await server.stop(grace)
         engine = self._engine
         assert engine is not None
         self._leftover = engine.close()

@@ -58,5 +58,5 @@ if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else "uvloop"
     if mode == "uvloop":
         ucxrpc.run(main())
-    else:
+    else:  # the default asyncio loop
         asyncio.run(main())
