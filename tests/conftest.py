@@ -18,6 +18,13 @@ import ucxrpc
 HELPERS = Path(__file__).parent / "helpers"
 
 
+async def until(predicate: Any, timeout: float = 10.0) -> None:
+    """Wait until ``predicate()`` holds: observable state, checked each millisecond."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110 - state owned by UCX callbacks, no event
+            await asyncio.sleep(0.001)
+
+
 @pytest.fixture
 async def manager() -> AsyncIterator[ucxrpc.Manager]:
     async with ucxrpc.Manager() as m:

@@ -44,7 +44,11 @@ def roundtrip(encoded: codec.Encoded, **kw: object) -> tuple[codec.Header, objec
 )
 @settings(max_examples=300, deadline=None)
 def test_roundtrip(
-    kind: Kind, call_id: int, method: str, priority: int | None, timeout: float | None,
+    kind: Kind,
+    call_id: int,
+    method: str,
+    priority: int | None,
+    timeout: float | None,
     payload: object,
 ) -> None:
     enc = codec.encode(kind, call_id, payload, method=method, priority=priority, timeout=timeout)
@@ -100,8 +104,9 @@ def test_unserializable_payload_is_a_type_error() -> None:
         codec.encode(Kind.REQUEST, 1, [[object()], {}])
 
 
-def frame(version: int = 1, kind: int = 1, flags: int = 0, header: object = None,
-          payload: bytes = b"\xc0") -> bytes:
+def frame(
+    version: int = 1, kind: int = 1, flags: int = 0, header: object = None, payload: bytes = b"\xc0"
+) -> bytes:
     hdr = msgpack.packb([1, "m", None, None, [], None] if header is None else header)
     return struct.pack("!BBHII", version, kind, flags, len(hdr), len(payload)) + hdr + payload
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from conftest import until
 
 import ucxrpc
 from ucxrpc import codec
@@ -28,8 +29,7 @@ async def test_server_killed_mid_call_fails_pending_calls_promptly(spawn: Any) -
         client = await manager.connect("127.0.0.1", int(port))
         assert await client.call("ping") == "PONG"
         calls = [asyncio.ensure_future(client.call("sleep", 30.0, timeout=60)) for _ in range(5)]
-        while manager.posted_receives < 5:
-            await asyncio.sleep(0.001)
+        await until(lambda: not (manager.posted_receives < 5))
         t0 = time.perf_counter()
         proc.kill()
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -74,8 +74,7 @@ async def test_client_killed_frees_its_state_on_the_server(
         assert manager.connections == 1
         proc.kill()
         await asyncio.wait_for(cancelled.wait(), 5)
-        while manager.connections:
-            await asyncio.sleep(0.01)
+        await until(lambda: not (manager.connections))
         assert server.inflight == 0
     finally:
         proc.kill()
@@ -97,8 +96,14 @@ class RawPeer:
         assert (await read_message(self.reader)) is not None
         write_message(
             self.writer,
-            {"v": 1, "addr": self.worker.address.tobytes(), "cid": self.cid, "slot": 4096,
-             "max": 1 << 30, "nonce": b"n" * 16},
+            {
+                "v": 1,
+                "addr": self.worker.address.tobytes(),
+                "cid": self.cid,
+                "slot": 4096,
+                "max": 1 << 30,
+                "nonce": b"n" * 16,
+            },
         )
         welcome = await read_message(self.reader)
         assert welcome is not None and "cid" in welcome, welcome
@@ -122,7 +127,8 @@ class RawPeer:
     async def expect_reply(self, call_id: int) -> tuple[codec.Header, Any]:
         slot = bytearray(4096)
         req = self.worker.tag_recv(
-            Array(slot), lib.UCXXTag(codec.frame_tag(self.cid, call_id)),
+            Array(slot),
+            lib.UCXXTag(codec.frame_tag(self.cid, call_id)),
             lib.UCXXTagMask((1 << 64) - 1),
         )
         self.keep.append(req)
@@ -192,10 +198,12 @@ async def test_oversized_request_is_refused_without_being_buffered() -> None:
             await raw.connect(server.port)
             big = codec.encode(codec.Kind.REQUEST, 3, [["x" * (2 << 20)], {}], method="ping")
             await raw.send_raw(3, big.frame)
-            header, value = await raw.expect_reply(3)
+            _, value = await raw.expect_reply(3)
             assert value[0] == ucxrpc.StatusCode.RESOURCE_EXHAUSTED
             assert "exceeds the server's limit" in value[1]
-            await raw.send_raw(4, codec.encode(codec.Kind.REQUEST, 4, [[], {}], method="ping").frame)
+            await raw.send_raw(
+                4, codec.encode(codec.Kind.REQUEST, 4, [[], {}], method="ping").frame
+            )
             assert (await raw.expect_reply(4))[1] == "PONG"
         finally:
             raw.close()
@@ -217,8 +225,11 @@ def test_bad_handshake_does_not_hurt_the_server(tmp_path: Path) -> None:
                 reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
                 await read_message(reader)
                 if payload:
-                    writer.write(payload if payload[:1] == b"\x00" else
-                                 len(payload).to_bytes(4, "big") + payload)
+                    writer.write(
+                        payload
+                        if payload[:1] == b"\x00"
+                        else len(payload).to_bytes(4, "big") + payload
+                    )
                 answer = await asyncio.wait_for(read_message(reader), 5)
                 assert answer is None or "error" in answer
                 writer.close()

@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+from conftest import until
 
 import ucxrpc
 from ucxrpc import Priority
@@ -134,14 +135,12 @@ async def test_priority_order_under_a_concurrency_limit_of_one(manager: ucxrpc.M
     await server.start(manager)
     async with await manager.connect("127.0.0.1", server.port) as client:
         holder = asyncio.ensure_future(client.call("hold"))
-        while server.inflight < 1:
-            await asyncio.sleep(0.001)
+        await until(lambda: not (server.inflight < 1))
         calls = []
         for name, prio in [("low1", 0), ("norm1", 1), ("high1", 2), ("low2", 0), ("high2", 2)]:
             calls.append(asyncio.ensure_future(client.call("job", name, priority=prio)))
             # Make the arrival order at the server the order above.
-            while server.inflight < len(calls) + 1:
-                await asyncio.sleep(0.001)
+            await until(lambda: not (server.inflight < len(calls) + 1))
         gate.set()
         await holder
         assert await asyncio.gather(*calls) == ["low1", "norm1", "high1", "low2", "high2"]
@@ -169,14 +168,11 @@ async def test_method_priority_is_the_default(manager: ucxrpc.Manager) -> None:
     await server.start(manager)
     async with await manager.connect("127.0.0.1", server.port) as client:
         holder = asyncio.ensure_future(client.call("hold"))
-        while server.inflight < 1:
-            await asyncio.sleep(0.001)
+        await until(lambda: not (server.inflight < 1))
         first = asyncio.ensure_future(client.call("normal"))
-        while server.inflight < 2:
-            await asyncio.sleep(0.001)
+        await until(lambda: not (server.inflight < 2))
         second = asyncio.ensure_future(client.call("urgent"))
-        while server.inflight < 3:
-            await asyncio.sleep(0.001)
+        await until(lambda: not (server.inflight < 3))
         gate.set()
         await asyncio.gather(holder, first, second)
     assert started == ["urgent", "normal"]
@@ -253,8 +249,7 @@ async def test_timed_out_and_cancelled_calls_leave_no_posted_receive(served: Ser
     assert manager.posted_receives == 0
     calls = [asyncio.ensure_future(client.call("sleep", 5.0)) for _ in range(20)]
     timed = [client.call("sleep", 5.0, timeout=0.1) for _ in range(20)]
-    while manager.posted_receives < 20:
-        await asyncio.sleep(0.001)
+    await until(lambda: not (manager.posted_receives < 20))
     results = await asyncio.gather(*timed, return_exceptions=True)
     assert all(isinstance(r, ucxrpc.DeadlineExceeded) for r in results)
     assert manager.posted_receives == 20
@@ -264,8 +259,7 @@ async def test_timed_out_and_cancelled_calls_leave_no_posted_receive(served: Ser
     assert manager.posted_receives == 0
     assert client.pending == 0
     # The server dropped the cancelled handlers too.
-    while server.inflight:
-        await asyncio.sleep(0.01)
+    await until(lambda: not (server.inflight))
     assert await client.call("ping") == "PONG"
 
 
@@ -374,7 +368,7 @@ async def test_server_max_inflight_refuses_the_excess() -> None:
         await server.start(server_manager)
         async with await client_manager.connect("127.0.0.1", server.port) as client:
             calls = [asyncio.ensure_future(client.call("hold")) for _ in range(6)]
-            done, _ = await asyncio.wait(calls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(calls, timeout=5, return_when=asyncio.FIRST_COMPLETED)
             gate.set()
             results = await asyncio.gather(*calls, return_exceptions=True)
         exhausted = [r for r in results if isinstance(r, ucxrpc.ResourceExhausted)]
@@ -399,14 +393,12 @@ async def test_client_max_inflight_waits_in_priority_order() -> None:
         await server.start(manager)
         async with await manager.connect("127.0.0.1", server.port) as client:
             holder = asyncio.ensure_future(client.call("hold"))
-            while server.inflight < 1:
-                await asyncio.sleep(0.001)
+            await until(lambda: not (server.inflight < 1))
             jobs = [
                 asyncio.ensure_future(client.call("job", n, priority=p))
                 for n, p in [("low", Priority.LOW), ("high", Priority.HIGH), ("norm", 1)]
             ]
-            while client._gate.waiting < 3:
-                await asyncio.sleep(0.001)
+            await until(lambda: not (client._gate.waiting < 3))
             gate.set()
             await asyncio.gather(holder, *jobs)
         assert order == ["high", "norm", "low"]
@@ -449,9 +441,10 @@ async def test_two_managers_talk_to_each_other() -> None:
 
         await server_a.start(a)
         await server_b.start(b)
-        async with await a.connect("127.0.0.1", server_b.port) as to_b:
-            async with await b.connect("127.0.0.1", server_a.port) as to_a:
-                assert await asyncio.gather(to_b.call("who"), to_a.call("who")) == ["b", "a"]
+        to_b = await a.connect("127.0.0.1", server_b.port)
+        to_a = await b.connect("127.0.0.1", server_a.port)
+        async with to_a, to_b:
+            assert await asyncio.gather(to_b.call("who"), to_a.call("who")) == ["b", "a"]
 
 
 async def test_connect_errors(manager: ucxrpc.Manager) -> None:

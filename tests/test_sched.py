@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from conftest import until
+
 from ucxrpc._sched import PriorityLimiter
 
 
@@ -21,8 +23,7 @@ async def test_waiters_start_by_priority_then_fifo() -> None:
         asyncio.create_task(job(name, prio))
         for name, prio in [("low1", 0), ("normal1", 1), ("high1", 2), ("low2", 0), ("high2", 2)]
     ]
-    while limiter.waiting < len(tasks):
-        await asyncio.sleep(0)
+    await until(lambda: not (limiter.waiting < len(tasks)))
     limiter.release()
     await asyncio.gather(*tasks)
     assert order == ["high1", "high2", "normal1", "low1", "low2"]

@@ -169,6 +169,7 @@ class Manager:
             return
         if req.completed:
             return
+
         def closed(_exc: BaseException | None) -> None:
             if not done.done():
                 done.set_result(None)

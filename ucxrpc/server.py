@@ -52,7 +52,7 @@ class Server:
         self._manager: Manager | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[_ServerConn] = set()
-        self._accepting: set[asyncio.Task[None]] = set()
+        self._accepting: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._stopped: asyncio.Event | None = None
         self._draining = False
         self._port = 0
@@ -185,10 +185,13 @@ class Server:
             await asyncio.wait(tasks, timeout=grace)
         for conn in list(self._conns):
             await conn.close()
-        for task in list(self._accepting):
-            task.cancel()
+        # Closing the control streams ends every connection task (handshakes included).
+        for writer in self._accepting.values():
+            writer.close()
         if self._accepting:
-            await asyncio.wait(list(self._accepting))
+            _, stuck = await asyncio.wait(list(self._accepting), timeout=5.0)
+            for task in stuck:
+                task.cancel()
         await tcp.wait_closed()
         if self._manager is not None:
             self._manager._forget_server(self)
@@ -199,8 +202,24 @@ class Server:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
-        assert task is not None and self._manager is not None
-        self._accepting.add(task)
+        assert task is not None
+        self._accepting[task] = writer
+        try:
+            await self._serve_connection(reader, writer)
+        except asyncio.CancelledError:
+            pass  # stop() gave up waiting; the task must still end normally
+        finally:
+            writer.close()
+            try:
+                await writer.wait_closed()
+            except (OSError, asyncio.CancelledError):
+                pass
+            del self._accepting[task]
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        assert self._manager is not None
         manager = self._manager
         cfg = manager.config
         conn: _ServerConn | None = None
@@ -238,16 +257,13 @@ class Server:
                 if msg is None or msg.get("t") == "bye":
                     break
         except RpcError as exc:
-            write_message(writer, {"error": int(exc.code), "message": exc.message})
+            if not writer.is_closing():
+                write_message(writer, {"error": int(exc.code), "message": exc.message})
         except (TimeoutError, ConnectionError):
-            pass
-        except asyncio.CancelledError:
             pass
         finally:
             if conn is not None:
                 await conn.close()
-            writer.close()
-            self._accepting.discard(task)
 
     # -- calls -----------------------------------------------------------------------------------
 
