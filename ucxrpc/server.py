@@ -286,7 +286,8 @@ class Server:
                 cap = asyncio.get_running_loop().time() + handler.timeout
                 deadline = cap if deadline is None else min(deadline, cap)
             priority = header.priority if header.priority is not None else handler.priority
-            await self._limiter.acquire(priority)
+            if not self._limiter.try_acquire():
+                await self._limiter.acquire(priority)
             acquired = True
             args, kwargs = _split_args(codec.decode_payload(header, payload, parts))
             args, kwargs = handler.bind(args, kwargs)

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import numpy as _np
+
 from . import codec
 from .errors import ConnectionLost, RpcError
 
@@ -20,6 +22,21 @@ if TYPE_CHECKING:
 __all__ = ["Link"]
 
 PartsCallback = Callable[[BaseException | None, list[Any]], None]
+
+
+def _alloc(size: int) -> Any:
+    """A receive buffer for a data part.
+
+    Large buffers come from numpy (``malloc``, not zero-filled: ``bytearray(n)`` would
+    write every page once before UCX writes it again) and are handed out as a
+    memoryview; small ones are bytearrays.
+    """
+    if size < _LARGE:
+        return bytearray(size)
+    return memoryview(_np.empty(size, dtype=_np.uint8)).cast("B")
+
+
+_LARGE = 256 * 1024
 
 
 class Link:
@@ -85,7 +102,7 @@ class Link:
 
     def recv_parts(self, call_id: int, sizes: tuple[int, ...], cb: PartsCallback) -> None:
         """Receive the data parts announced by a frame, each at its exact size."""
-        bufs = [bytearray(n) for n in sizes]
+        bufs = [_alloc(n) for n in sizes]
         remaining = len(bufs)
         failed: list[BaseException] = []
 
