@@ -33,7 +33,7 @@ def _alloc(size: int) -> Any:
     """
     if size < _LARGE:
         return bytearray(size)
-    return memoryview(_np.empty(size, dtype=_np.uint8)).cast("B")
+    return _np.empty(size, dtype=_np.uint8).data.cast("B")
 
 
 _LARGE = 256 * 1024
