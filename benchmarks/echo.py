@@ -184,6 +184,20 @@ def _ucxx() -> Any:
     return ucxx
 
 
+async def probe_recv(ep: Any, tag: int) -> Any:
+    """Receive a message of unknown size: poll the probe, then receive by its handle."""
+    import numpy as np
+
+    while True:
+        p = ep.tag_probe(tag, force_tag=True, remove=True)
+        if p.matched:
+            break
+        await asyncio.sleep(0)
+    buf = np.empty(p.length, dtype=np.uint8)
+    await ep.recv_with_handle(buf, p)
+    return buf
+
+
 def raw_server(args: argparse.Namespace) -> None:
     import numpy as np
     import uvloop
@@ -201,16 +215,6 @@ def raw_server(args: argparse.Namespace) -> None:
         base = int(hdr[1])
         ctrl = np.zeros(3, dtype=np.int64)  # op, size, count
 
-        async def probe_recv(tag: int) -> Any:
-            while True:
-                p = ep.tag_probe(tag, force_tag=True, remove=True)
-                if p.matched:
-                    break
-                await asyncio.sleep(0)
-            buf = np.empty(p.length, dtype=np.uint8)
-            await ep.recv_with_handle(buf, p)
-            return buf
-
         while True:
             await ep.recv(ctrl, tag=base, force_tag=True)
             op, size, count = (int(x) for x in ctrl)
@@ -223,7 +227,7 @@ def raw_server(args: argparse.Namespace) -> None:
                     await ep.send(buf, tag=base + 3, force_tag=True)
             elif op == 2:  # probe-sized ping-pong
                 for _ in range(count):
-                    b = await probe_recv(base + 2)
+                    b = await probe_recv(ep, base + 2)
                     await ep.send(b, tag=base + 3, force_tag=True)
             elif op == 3:  # `count` slots, each ping-ponging until a 0xFF payload
 
@@ -265,16 +269,6 @@ def raw_client(args: argparse.Namespace) -> dict[str, Any]:
         async def end() -> None:
             await ep.recv(ctrl, tag=base + 1, force_tag=True)
 
-        async def probe_recv(tag: int) -> Any:
-            while True:
-                p = ep.tag_probe(tag, force_tag=True, remove=True)
-                if p.matched:
-                    break
-                await asyncio.sleep(0)
-            buf = np.empty(p.length, dtype=np.uint8)
-            await ep.recv_with_handle(buf, p)
-            return buf
-
         results: dict[str, Any] = {}
         for label, op in (("fixed", 1), ("probe", 2)):
             # Every phase below is one server-side session of known length.
@@ -290,7 +284,7 @@ def raw_client(args: argparse.Namespace) -> dict[str, Any]:
                 session["left"] -= 1
                 await ep.send(np.frombuffer(data, dtype=np.uint8), tag=base + 2, force_tag=True)
                 if op == 2:
-                    return await probe_recv(base + 3)
+                    return await probe_recv(ep, base + 3)
                 out = np.empty(len(data), dtype=np.uint8)
                 await ep.recv(out, tag=base + 3, force_tag=True)
                 return out
