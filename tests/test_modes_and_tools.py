@@ -51,7 +51,7 @@ async def test_engine_sleeps_on_the_fd_when_idle(mode: str, sleeps: bool) -> Non
             await asyncio.sleep(0.2)
             idle_drives = manager.engine.drives - before
             if sleeps:
-                assert idle_drives <= 2, idle_drives
+                assert idle_drives < 20, idle_drives
             else:
                 assert idle_drives > 100, idle_drives
             # And it wakes up for the next call.
