@@ -276,9 +276,8 @@ class Engine:
         """Run one progress pass now; returns the number of completions and arrivals."""
         self._worker.progress()
         before = len(self._ops)
-        reaped = self._reap()
-        probed = self._probe()
-        return max(0, before - len(self._ops)) + int(reaped) * 0 + int(probed)
+        self._reap()
+        return max(0, before - len(self._ops)) + int(self._probe())
 
 
 def _ignore(_exc: BaseException | None) -> None:
