@@ -25,6 +25,30 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
             await asyncio.sleep(0.001)
 
 
+class Hanging:
+    """A handler that waits until it is cancelled, recording both moments."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self) -> None:
+        self.entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def hanging_server(name: str) -> tuple[ucxrpc.Server, Hanging]:
+    """A server whose method ``name`` hangs until cancelled."""
+    server = ucxrpc.Server()
+    handler = Hanging()
+    server.add_handler(handler.__call__, name=name)
+    return server, handler
+
+
 @pytest.fixture
 async def manager() -> AsyncIterator[ucxrpc.Manager]:
     async with ucxrpc.Manager() as m:

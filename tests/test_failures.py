@@ -12,7 +12,7 @@ from typing import Any
 
 import msgpack
 import pytest
-from conftest import until
+from conftest import hanging_server, until
 
 import ucxrpc
 from ucxrpc import codec
@@ -45,18 +45,7 @@ async def test_server_killed_mid_call_fails_pending_calls_promptly(spawn: Any) -
 async def test_client_killed_frees_its_state_on_the_server(
     manager: ucxrpc.Manager, tmp_path: Path
 ) -> None:
-    server = ucxrpc.Server()
-    entered = asyncio.Event()
-    cancelled = asyncio.Event()
-
-    @server.rpc
-    async def hang() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    server, hanging = hanging_server("hang")
 
     await server.start(manager)
     script = tmp_path / "client.py"
@@ -70,10 +59,10 @@ async def test_client_killed_frees_its_state_on_the_server(
     )
     proc = subprocess.Popen([sys.executable, str(script), str(server.port)])
     try:
-        await asyncio.wait_for(entered.wait(), 30)
+        await asyncio.wait_for(hanging.entered.wait(), 30)
         assert manager.connections == 1
         proc.kill()
-        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.wait_for(hanging.cancelled.wait(), 5)
         await until(lambda: not (manager.connections))
         assert server.inflight == 0
     finally:

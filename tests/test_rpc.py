@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 import pytest
-from conftest import until
+from conftest import hanging_server, until
 
 import ucxrpc
 from ucxrpc import Priority
@@ -180,18 +180,7 @@ async def test_method_priority_is_the_default(manager: ucxrpc.Manager) -> None:
 
 
 async def test_deadline_cancels_the_handler(manager: ucxrpc.Manager) -> None:
-    server = ucxrpc.Server()
-    seen = asyncio.Event()
-    cancelled = asyncio.Event()
-
-    @server.rpc
-    async def slow() -> None:
-        seen.set()
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    server, hanging = hanging_server("slow")
 
     await server.start(manager)
     async with await manager.connect("127.0.0.1", server.port) as client:
@@ -200,8 +189,8 @@ async def test_deadline_cancels_the_handler(manager: ucxrpc.Manager) -> None:
         with pytest.raises(ucxrpc.DeadlineExceeded):
             await client.call("slow", timeout=0.2)
         assert loop.time() - t0 < 1.0
-        await asyncio.wait_for(cancelled.wait(), 5)
-        assert seen.is_set()
+        await asyncio.wait_for(hanging.cancelled.wait(), 5)
+        assert hanging.entered.is_set()
         assert manager.posted_receives == 0
     await server.stop()
 
@@ -264,27 +253,16 @@ async def test_timed_out_and_cancelled_calls_leave_no_posted_receive(served: Ser
 
 
 async def test_cancelling_the_caller_cancels_the_handler(manager: ucxrpc.Manager) -> None:
-    server = ucxrpc.Server()
-    entered = asyncio.Event()
-    cancelled = asyncio.Event()
-
-    @server.rpc
-    async def wait_forever() -> None:
-        entered.set()
-        try:
-            await asyncio.sleep(60)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    server, hanging = hanging_server("wait_forever")
 
     await server.start(manager)
     async with await manager.connect("127.0.0.1", server.port) as client:
         task = asyncio.ensure_future(client.call("wait_forever"))
-        await asyncio.wait_for(entered.wait(), 5)
+        await asyncio.wait_for(hanging.entered.wait(), 5)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.wait_for(hanging.cancelled.wait(), 5)
         assert manager.posted_receives == 0
     await server.stop()
 
@@ -327,19 +305,13 @@ async def test_stop_drains_in_flight_calls(manager: ucxrpc.Manager) -> None:
 
 
 async def test_stop_cancels_what_outlives_the_grace(manager: ucxrpc.Manager) -> None:
-    server = ucxrpc.Server()
-    entered = asyncio.Event()
-
-    @server.rpc
-    async def forever() -> None:
-        entered.set()
-        await asyncio.sleep(60)
-
+    server, hanging = hanging_server("forever")
     await server.start(manager)
     client = await manager.connect("127.0.0.1", server.port)
     call = asyncio.ensure_future(client.call("forever"))
-    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(hanging.entered.wait(), 5)
     await server.stop(grace=0.1)
+    assert hanging.cancelled.is_set()
     with pytest.raises(ucxrpc.ConnectionLost):
         await call
     await client.close()
