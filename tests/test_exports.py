@@ -20,6 +20,8 @@ def test_every_public_module_has_all() -> None:
 def test_package_exports_resolve() -> None:
     for name in ucxrpc.__all__:
         assert getattr(ucxrpc, name) is not None
-    assert set(importlib.import_module("ucxrpc.errors").__all__) - {"error_from_status"} <= set(
-        ucxrpc.__all__
-    )
+    assert set(importlib.import_module("ucxrpc.errors").__all__) - {
+        "error_from_status",
+        "error_from_payload",
+        "error_payload",
+    } <= set(ucxrpc.__all__)

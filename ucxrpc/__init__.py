@@ -15,6 +15,7 @@ from .errors import (
     ConnectionLost,
     DeadlineExceeded,
     InvalidArgument,
+    InvalidReply,
     MethodNotFound,
     ProtocolError,
     RemoteError,
@@ -29,40 +30,74 @@ if TYPE_CHECKING:
     from ._handlers import Priority
     from .client import Client
     from .config import Config
+    from .context import CallContext, Metadata, current_call, current_deadline, time_remaining
+    from .interceptors import Interceptor, LoggingInterceptor, MetricsInterceptor, TokenAuth
     from .manager import Manager, run
+    from .reflection import MethodInfo, ServerDescription
     from .server import Server
+    from .service import Service, rpc
+    from .stream import Stream
 
 __all__ = [
+    "CallContext",
     "Cancelled",
     "Client",
     "Config",
     "ConnectionLost",
     "DeadlineExceeded",
+    "Interceptor",
     "InvalidArgument",
+    "InvalidReply",
+    "LoggingInterceptor",
     "Manager",
+    "Metadata",
+    "MethodInfo",
     "MethodNotFound",
+    "MetricsInterceptor",
     "Priority",
     "ProtocolError",
     "RemoteError",
     "ResourceExhausted",
     "RpcError",
     "Server",
+    "ServerDescription",
+    "Service",
     "StatusCode",
+    "Stream",
+    "TokenAuth",
     "Unauthenticated",
     "Unavailable",
     "__version__",
+    "current_call",
+    "current_deadline",
+    "rpc",
     "run",
+    "time_remaining",
 ]
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "CallContext": ".context",
     "Client": ".client",
     "Config": ".config",
+    "Interceptor": ".interceptors",
+    "LoggingInterceptor": ".interceptors",
     "Manager": ".manager",
+    "Metadata": ".context",
+    "MethodInfo": ".reflection",
+    "MetricsInterceptor": ".interceptors",
     "Priority": "._handlers",
     "Server": ".server",
+    "ServerDescription": ".reflection",
+    "Service": ".service",
+    "Stream": ".stream",
+    "TokenAuth": ".interceptors",
+    "current_call": ".context",
+    "current_deadline": ".context",
+    "rpc": ".service",
     "run": ".manager",
+    "time_remaining": ".context",
 }
 
 

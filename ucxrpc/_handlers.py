@@ -6,7 +6,7 @@ names the argument and the field path (``req.times: Input should be a valid inte
 
 from __future__ import annotations
 
-import dataclasses
+import collections.abc
 import enum
 import inspect
 import typing
@@ -14,11 +14,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
 
 from .errors import InvalidArgument
 
-__all__ = ["Handler", "Priority", "make_handler", "to_wire"]
+__all__ = [
+    "Handler",
+    "Param",
+    "Priority",
+    "adapter_for",
+    "describe_validation_error",
+    "make_handler",
+    "resolve_hints",
+    "stream_item_type",
+]
 
 
 class Priority(enum.IntEnum):
@@ -29,8 +38,62 @@ class Priority(enum.IntEnum):
     HIGH = 2
 
 
-_FAST_TYPES = (str, int, float, bool)
 _BYTES_LIKE = (bytes, bytearray, memoryview)
+_STREAM_ORIGINS = (
+    collections.abc.AsyncIterator,
+    collections.abc.AsyncIterable,
+    collections.abc.AsyncGenerator,
+)
+
+
+def adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
+    """A pydantic validator for ``annotation`` (None for ``Any`` or no annotation).
+
+    Types pydantic has no schema for (numpy arrays, user classes) are checked with
+    ``isinstance``.
+    """
+    if annotation in (inspect.Parameter.empty, Any):
+        return None
+    try:
+        return TypeAdapter(annotation)
+    except PydanticSchemaGenerationError:
+        return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
+
+
+def describe_validation_error(name: str, exc: ValidationError) -> str:
+    """``req.times: Input should be a valid integer`` from a pydantic error."""
+    err = exc.errors(include_url=False)[0]
+    path = ".".join(str(p) for p in (name, *err["loc"]))
+    more = exc.error_count() - 1
+    return f"{path}: {err['msg']}" + (f" (and {more} more errors)" if more > 0 else "")
+
+
+def stream_item_type(annotation: Any) -> Any | None:
+    """The item type if ``annotation`` is an async iterator type, else None."""
+    if typing.get_origin(annotation) in _STREAM_ORIGINS:
+        args = typing.get_args(annotation)
+        return args[0] if args else Any
+    if annotation in _STREAM_ORIGINS:
+        return Any
+    return None
+
+
+def resolve_hints(func: Callable[..., Any]) -> dict[str, Any]:
+    """The resolved annotations of ``func``.
+
+    Raises:
+        TypeError: An annotation names something that cannot be found (a type
+            defined inside a function, for example), so arguments could not be
+            validated.
+    """
+    try:
+        return typing.get_type_hints(func)
+    except NameError as exc:
+        name = getattr(func, "__qualname__", repr(func))
+        raise TypeError(
+            f"cannot resolve the annotations of {name}: {exc} "
+            "(define the types it uses at module level)"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +114,7 @@ class Param:
         try:
             return self.adapter.validate_python(value)
         except ValidationError as exc:
-            raise InvalidArgument(_describe(self.name, exc)) from None
-
-
-def _describe(name: str, exc: ValidationError) -> str:
-    err = exc.errors(include_url=False)[0]
-    path = ".".join(str(p) for p in (name, *err["loc"]))
-    more = exc.error_count() - 1
-    return f"{path}: {err['msg']}" + (f" (and {more} more errors)" if more > 0 else "")
+            raise InvalidArgument(describe_validation_error(self.name, exc)) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +123,37 @@ class Handler:
 
     Attributes:
         name: The method name callers use.
-        func: The function (async or plain; plain ones run in a thread).
+        func: The function (async, async generator, or plain: plain ones run in a
+            thread).
         is_async: True for coroutine functions.
+        is_stream: True for async generator functions (server streaming).
         priority: The default priority of calls to this method.
         timeout: A server-side cap on the call's duration (seconds), or None.
+        idempotent: The method may safely be retried.
         params: The parameters, in order.
+        signature: The signature callers see.
         simple: True when every parameter is positional-or-keyword (fast binding).
+        return_annotation: The declared result (for streams, the iterator type).
+        doc: The first paragraph of the docstring.
     """
 
     name: str
     func: Callable[..., Any]
     is_async: bool
+    is_stream: bool
     priority: int
     timeout: float | None
+    idempotent: bool
     params: tuple[Param, ...]
     signature: inspect.Signature
     simple: bool
     return_annotation: Any
+    doc: str
+
+    @property
+    def kind(self) -> str:
+        """``"stream"`` for streaming methods, else ``"unary"``."""
+        return "stream" if self.is_stream else "unary"
 
     def bind(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
         """Check and convert the call's arguments.
@@ -120,48 +190,44 @@ def make_handler(
     name: str,
     priority: int = Priority.NORMAL,
     timeout: float | None = None,
-    skip_first: bool = False,
+    idempotent: bool = False,
+    hints_from: Callable[..., Any] | None = None,
 ) -> Handler:
-    """Build a :class:`Handler` from a function and its annotations."""
+    """Build a :class:`Handler` from a function and its annotations.
+
+    Args:
+        func: What to call (a bound method drops ``self`` from the signature).
+        name: The method name.
+        priority: Default priority.
+        timeout: Server-side cap on a call's duration.
+        idempotent: Whether retries are safe.
+        hints_from: Take the annotations from this function instead (a service
+            interface, when the implementation does not repeat them).
+    """
     if not callable(func):
         raise TypeError(f"{func!r} is not callable")
     sig = inspect.signature(func)
-    try:
-        hints = typing.get_type_hints(func)
-    except Exception:
-        hints = {}
+    hints = resolve_hints(func)
+    if hints_from is not None and not hints:
+        hints = resolve_hints(hints_from)
     params = list(sig.parameters.values())
-    if skip_first and params:
-        params = params[1:]
-        sig = sig.replace(parameters=params)
     built = []
     for p in params:
         ann = hints.get(p.name, p.annotation)
-        adapter = None if ann in (inspect.Parameter.empty, Any) else TypeAdapter(ann)
-        built.append(Param(p.name, p.kind, ann, adapter))
+        built.append(Param(p.name, p.kind, ann, adapter_for(ann)))
     simple = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
+    doc = inspect.getdoc(func) or (inspect.getdoc(hints_from) if hints_from else None) or ""
     return Handler(
         name=name,
         func=func,
         is_async=inspect.iscoroutinefunction(func),
+        is_stream=inspect.isasyncgenfunction(func),
         priority=int(priority),
         timeout=timeout,
+        idempotent=idempotent,
         params=tuple(built),
         signature=sig,
         simple=simple,
         return_annotation=hints.get("return", sig.return_annotation),
+        doc=doc.split("\n\n", 1)[0],
     )
-
-
-def to_wire(value: Any) -> Any:
-    """Turn a handler's result into something msgpack can carry."""
-    t = type(value)
-    if t in _FAST_TYPES or value is None or t in _BYTES_LIKE:
-        return value
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="python")
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, enum.Enum):
-        return value.value
-    return value

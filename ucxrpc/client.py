@@ -1,27 +1,36 @@
-"""The client: calls and notifications over one connection, many calls in flight."""
+"""The client: calls, notifications and streams over one connection."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import os
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
 from ._control import auth_proof, check_version, read_message, tune_socket, write_message
 from ._handlers import Priority
 from ._sched import PriorityLimiter
+from ._wire import from_array, to_wire
 from .codec import Kind
+from .context import CallContext, CallKind, Metadata, current_call
 from .errors import (
     Cancelled,
     ConnectionLost,
     DeadlineExceeded,
+    InvalidArgument,
     ProtocolError,
     RpcError,
     Unauthenticated,
     Unavailable,
+    error_from_payload,
     error_from_status,
 )
+from .interceptors import Interceptor, run_chain
+from .reflection import DESCRIBE_METHOD, ServerDescription
+from .service import Service, make_stub
+from .stream import Stream, StreamCall
 from .transport import Link
 
 if TYPE_CHECKING:
@@ -30,11 +39,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Client"]
 
+S = TypeVar("S", bound=Service)
+T = TypeVar("T")
+
 
 class _Call:
     """A call awaiting its reply."""
 
-    __slots__ = ("call_id", "fut", "op", "slot", "timer")
+    __slots__ = ("call_id", "fut", "metadata", "op", "slot", "timer")
 
     def __init__(self, call_id: int, fut: asyncio.Future[Any], slot: bytearray) -> None:
         self.call_id = call_id
@@ -42,6 +54,20 @@ class _Call:
         self.slot = slot
         self.op: Op | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.metadata: Metadata | None = None
+
+
+def _check_metadata(metadata: Mapping[str, Any] | None) -> Metadata | None:
+    if not metadata:
+        return None
+    out: Metadata = {}
+    for key, value in metadata.items():
+        if type(key) is not str or not isinstance(value, (str, bytes)):
+            raise InvalidArgument(
+                f"metadata must map str to str or bytes, got {key!r}: {type(value).__name__}"
+            )
+        out[key] = value
+    return out
 
 
 class Client:
@@ -51,14 +77,17 @@ class Client:
     matches to it by tag. Use ``async with client:`` to close it when done.
     """
 
-    def __init__(self, manager: Manager) -> None:
+    def __init__(self, manager: Manager, interceptors: Sequence[Interceptor] = ()) -> None:
         self._manager = manager
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, _Call] = {}
+        self._streams: dict[int, StreamCall] = {}
+        self._interceptors: list[Interceptor] = list(interceptors)
         self._ids = itertools.count(1)
         cfg = manager.config
         self._slot_size = cfg.reply_slot_size
         self._oob = cfg.oob_threshold
+        self._window = cfg.stream_window
         self._gate = PriorityLimiter(cfg.max_inflight)
         self.link: Link = None  # type: ignore[assignment]  # set by connect()
         self._writer: asyncio.StreamWriter | None = None
@@ -71,10 +100,16 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, manager: Manager, host: str, port: int, *, timeout: float | None = None
+        cls,
+        manager: Manager,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = None,
+        interceptors: Sequence[Interceptor] = (),
     ) -> Client:
         """Connect to the server at ``host:port`` (see :meth:`Manager.connect`)."""
-        self = cls(manager)
+        self = cls(manager, interceptors)
         limit = manager.config.connect_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -110,6 +145,7 @@ class Client:
             "cid": self._local_id,
             "slot": self._slot_size,
             "max": cfg.max_message_size,
+            "win": self._window,
             "nonce": nonce,
         }
         token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
@@ -155,6 +191,8 @@ class Client:
             if not call.fut.done():
                 call.fut.set_exception(exc)
         self._pending.clear()
+        for stream in list(self._streams.values()):
+            stream.fail(exc)
         self._manager.unregister(self._local_id)
 
     async def _abort(self) -> None:
@@ -170,8 +208,12 @@ class Client:
 
     @property
     def pending(self) -> int:
-        """Calls awaiting their reply."""
-        return len(self._pending)
+        """Calls awaiting their reply (streams included)."""
+        return len(self._pending) + len(self._streams)
+
+    def add_interceptor(self, interceptor: Interceptor) -> None:
+        """Add a client interceptor (innermost of those added so far)."""
+        self._interceptors.append(interceptor)
 
     async def close(self) -> None:
         """Close the connection; calls still pending fail with :class:`Cancelled`."""
@@ -210,10 +252,11 @@ class Client:
         kind: Kind,
         call_id: int,
         method: str,
-        args: tuple[Any, ...],
+        args: Sequence[Any],
         kwargs: dict[str, Any],
         priority: int | None,
         timeout: float | None,
+        metadata: Metadata | None,
     ) -> codec.Encoded:
         try:
             return codec.encode(
@@ -223,11 +266,21 @@ class Client:
                 method=method,
                 priority=None if priority is None else int(priority),
                 timeout=timeout,
+                metadata=metadata,
                 oob_threshold=self._oob,
                 max_size=self.link.max_size,
+                default=to_wire,
             )
-        except TypeError as exc:
-            raise ProtocolError(f"cannot serialize the arguments of {method!r}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"cannot serialize the arguments of {method!r}: {exc}") from None
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        """The call's deadline: its own timeout, capped by the handler's it is made from."""
+        deadline = None if timeout is None else self._loop.time() + timeout
+        outer = current_call()
+        if outer is None or outer.deadline is None:
+            return deadline
+        return outer.deadline if deadline is None else min(deadline, outer.deadline)
 
     async def call(
         self,
@@ -235,9 +288,13 @@ class Client:
         *args: Any,
         timeout: float | None = None,
         priority: int | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
         **kwargs: Any,
     ) -> Any:
         """Call ``method`` on the server and return its result.
+
+        Inside a handler, the call also inherits the deadline of the call being
+        handled (the earlier of the two applies).
 
         Args:
             method: The method name.
@@ -245,6 +302,7 @@ class Client:
             timeout: Seconds until the call's deadline (None: no deadline). The server
                 gets the remaining budget and cancels the handler when it passes.
             priority: The call's priority (default: the method's own default).
+            metadata: Request metadata (str keys; str or bytes values).
             **kwargs: Keyword arguments.
 
         Returns:
@@ -255,26 +313,110 @@ class Client:
             ConnectionLost: The connection was lost while the call was pending.
             RpcError: The server answered with an error (see :mod:`ucxrpc.errors`).
         """
+        return await self._call(method, args, kwargs, timeout, priority, metadata)
+
+    async def call_with_metadata(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        priority: int | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> tuple[Any, Metadata]:
+        """Like :meth:`call`, and also return the metadata the server sent back."""
+        ctx = self._context("unary", method, args, kwargs, timeout, priority, metadata)
+        value = await self._run(ctx)
+        return value, ctx.response_metadata
+
+    def _context(
+        self,
+        kind: CallKind,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        priority: int | None,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> CallContext:
+        return CallContext(
+            method,
+            kind=kind,
+            side="client",
+            metadata=dict(_check_metadata(metadata) or {}),
+            deadline=self._deadline(timeout),
+            priority=priority,
+            peer=self.peer,
+            args=args,
+            kwargs=kwargs,
+        )
+
+    async def _call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        priority: int | None,
+        metadata: Mapping[str, str | bytes] | None,
+    ) -> Any:
+        if self._interceptors:
+            ctx = self._context("unary", method, args, kwargs, timeout, priority, metadata)
+            return await self._run(ctx)
+        return await self._send_call(
+            method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)
+        )
+
+    def _run(self, ctx: CallContext) -> Any:
+        async def final() -> Any:
+            return await self._send_call(
+                ctx.method,
+                ctx.args,
+                ctx.kwargs,
+                ctx.deadline,
+                ctx.priority,
+                _check_metadata(ctx.metadata),
+                ctx,
+            )
+
+        return run_chain(self._interceptors, ctx, final) if self._interceptors else final()
+
+    async def _admit(self, method: str, deadline: float | None, priority: int | None) -> None:
+        """Wait for a slot under ``max_inflight`` (in priority order)."""
+        gate = self._gate
+        if gate.try_acquire():
+            return
+        try:
+            if deadline is None:
+                await gate.acquire(Priority.NORMAL if priority is None else priority)
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await gate.acquire(Priority.NORMAL if priority is None else priority)
+        except TimeoutError:
+            raise DeadlineExceeded(f"{method!r} waited past its deadline to be sent") from None
+
+    async def _send_call(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        deadline: float | None,
+        priority: int | None,
+        metadata: Metadata | None,
+        ctx: CallContext | None = None,
+    ) -> Any:
         if self._lost is not None:
             raise self._lost
         loop = self._loop
-        deadline = None if timeout is None else loop.time() + timeout
-        gate = self._gate
-        if not gate.try_acquire():
-            try:
-                if deadline is None:
-                    await gate.acquire(Priority.NORMAL if priority is None else priority)
-                else:
-                    async with asyncio.timeout_at(deadline):
-                        await gate.acquire(Priority.NORMAL if priority is None else priority)
-            except TimeoutError:
-                raise DeadlineExceeded(f"{method!r} waited past its deadline to be sent") from None
+        await self._admit(method, deadline, priority)
         try:
             if self._lost is not None:
                 raise self._lost
             call_id = next(self._ids) & codec.MAX_CALL_ID
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
-            encoded = self._encode(Kind.REQUEST, call_id, method, args, kwargs, priority, remaining)
+            encoded = self._encode(
+                Kind.REQUEST, call_id, method, args, kwargs, priority, remaining, metadata
+            )
             fut: asyncio.Future[Any] = loop.create_future()
             call = _Call(call_id, fut, bytearray(self._slot_size))
             link = self.link
@@ -285,21 +427,25 @@ class Client:
             try:
                 link.send(call_id, encoded)
                 return await fut
-            except asyncio.CancelledError:
-                self._abandon(call, notify=True)
-                raise
-            except DeadlineExceeded:
-                self._abandon(call, notify=True)
+            except (asyncio.CancelledError, DeadlineExceeded):
+                self._abandon(call)
                 raise
             finally:
                 if call.timer is not None:
                     call.timer.cancel()
                 self._pending.pop(call_id, None)
+                if ctx is not None and call.metadata:
+                    ctx.response_metadata = call.metadata
         finally:
-            gate.release()
+            self._gate.release()
 
     async def notify(
-        self, method: str, *args: Any, priority: int | None = None, **kwargs: Any
+        self,
+        method: str,
+        *args: Any,
+        priority: int | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
     ) -> None:
         """Send a one-way call: the server runs ``method`` and sends no reply.
 
@@ -309,22 +455,177 @@ class Client:
         if self._lost is not None:
             raise self._lost
         call_id = next(self._ids) & codec.MAX_CALL_ID
-        encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None)
+        md = _check_metadata(metadata)
+        encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None, md)
         self.link.send(call_id, encoded)
+
+    def stream(
+        self,
+        method: str,
+        *args: Any,
+        timeout: float | None = None,
+        priority: int | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+        **kwargs: Any,
+    ) -> Stream[Any]:
+        """Call a streaming method: ``async for item in client.stream("count", 10)``.
+
+        The request is sent when iteration starts. The deadline covers the whole
+        stream; leaving the loop early cancels the generator on the server.
+
+        Args:
+            method: The method name.
+            *args: Positional arguments.
+            timeout: Seconds until the stream's deadline (None: no deadline).
+            priority: The call's priority.
+            metadata: Request metadata.
+            **kwargs: Keyword arguments.
+
+        Returns:
+            An async iterator of the items (also an async context manager).
+        """
+        return self._stream(method, args, kwargs, timeout, priority, metadata, None)
+
+    def _stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        priority: int | None,
+        metadata: Mapping[str, str | bytes] | None,
+        convert: Callable[[Any], T] | None,
+    ) -> Stream[T]:
+        md = _check_metadata(metadata)
+        return Stream(
+            self,
+            method,
+            args,
+            kwargs,
+            timeout=timeout,
+            priority=priority,
+            metadata=md,
+            convert=convert,
+        )
+
+    async def _open_stream(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        timeout: float | None,
+        priority: int | None,
+        metadata: Metadata | None,
+    ) -> StreamCall:
+        ctx = self._context("stream", method, args, kwargs, timeout, priority, metadata)
+
+        async def final() -> StreamCall:
+            return await self._send_stream(ctx)
+
+        if self._interceptors:
+            opened = await run_chain(self._interceptors, ctx, final)
+            if not isinstance(opened, StreamCall):
+                raise TypeError("a client interceptor must return what proceed() returned")
+            return opened
+        return await final()
+
+    async def _send_stream(self, ctx: CallContext) -> StreamCall:
+        if self._lost is not None:
+            raise self._lost
+        method, deadline = ctx.method, ctx.deadline
+        await self._admit(method, deadline, ctx.priority)
+        loop = self._loop
+        call = StreamCall(self, next(self._ids) & codec.MAX_CALL_ID, self._window)
+        self._streams[call.call_id] = call  # from here on, _end_stream releases the gate
+        try:
+            if self._lost is not None:
+                raise self._lost
+            remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            encoded = self._encode(
+                Kind.STREAM,
+                call.call_id,
+                method,
+                ctx.args,
+                ctx.kwargs,
+                ctx.priority,
+                remaining,
+                _check_metadata(ctx.metadata),
+            )
+            if deadline is not None:
+                call.timer = loop.call_at(deadline, self._expire_stream, call, method)
+            self.link.send(call.call_id, encoded)
+        except BaseException:
+            call.done = True
+            self._end_stream(call)
+            raise
+        return call
+
+    def _expire_stream(self, call: StreamCall, method: str) -> None:
+        call.fail(DeadlineExceeded(f"stream {method!r} did not finish in time"))
+
+    def _grant(self, call_id: int, count: int) -> None:
+        if self._lost is None:
+            try:
+                self.link.send(call_id, codec.encode(Kind.CREDIT, call_id, count))
+            except RpcError:
+                pass
+
+    def _end_stream(self, call: StreamCall, *, cancel: bool = False) -> None:
+        if self._streams.pop(call.call_id, None) is None:
+            return
+        if call.timer is not None:
+            call.timer.cancel()
+        self._gate.release()
+        if cancel:
+            self._send_cancel(call.call_id)
+
+    def stub(
+        self,
+        service: type[S],
+        *,
+        timeout: float | None = None,
+        priority: int | None = None,
+        metadata: Mapping[str, str | bytes] | None = None,
+    ) -> S:
+        """A typed stub of a service interface: ``client.stub(EchoApi).shout(req)``.
+
+        Type checkers see the stub as an instance of ``service``. Replies (and stream
+        items) are validated into the declared result types; a reply that does not
+        match raises :class:`~ucxrpc.errors.InvalidReply`.
+
+        Args:
+            service: The :class:`~ucxrpc.Service` interface (or an implementation).
+            timeout: The timeout of every call made through the stub.
+            priority: The priority of every call made through the stub.
+            metadata: Metadata sent with every call made through the stub.
+        """
+        md = _check_metadata(metadata)
+        return make_stub(self, service, timeout=timeout, priority=priority, metadata=md)
+
+    async def describe(self, *, timeout: float | None = None) -> ServerDescription:
+        """The server's methods, kinds, priorities and JSON Schemas (reflection)."""
+        value = await self._call(DESCRIBE_METHOD, (), {}, timeout, None, None)
+        try:
+            return ServerDescription.model_validate(value)
+        except ValueError as exc:
+            raise ProtocolError(f"malformed description from {self.peer}: {exc}") from None
 
     def _expire(self, call: _Call, method: str) -> None:
         if not call.fut.done():
             call.fut.set_exception(DeadlineExceeded(f"{method!r} did not answer in time"))
 
-    def _abandon(self, call: _Call, *, notify: bool) -> None:
+    def _abandon(self, call: _Call) -> None:
         """Withdraw a call's posted receive and tell the server to stop working on it."""
         engine = self._manager._engine
         if call.op is not None and engine is not None:
             engine.cancel(call.op)
             call.op = None
-        if notify and self._lost is None:
+        self._send_cancel(call.call_id)
+
+    def _send_cancel(self, call_id: int) -> None:
+        if self._lost is None:
             try:
-                self.link.send(call.call_id, codec.encode(Kind.CANCEL, call.call_id))
+                self.link.send(call_id, codec.encode(Kind.CANCEL, call_id))
             except RpcError:
                 pass
 
@@ -352,41 +653,49 @@ class Client:
                 self.link.recv_parts(
                     call.call_id,
                     header.parts,
-                    lambda e, parts: self._finish(fut, header, payload, parts, e),
+                    lambda e, parts: self._finish(call, header, payload, parts, e),
                 )
             else:
-                self._finish(fut, header, payload, [], None)
+                self._finish(call, header, payload, [], None)
 
         return done
 
     def _finish(
         self,
-        fut: asyncio.Future[Any],
+        call: _Call,
         header: codec.Header,
         payload: memoryview,
         parts: list[Any],
         exc: BaseException | None,
     ) -> None:
+        fut = call.fut
         if fut.done():
             return
         if exc is not None:
             fut.set_exception(exc)
             return
         try:
-            value = codec.decode_payload(header, payload, parts)
+            value = codec.decode_payload(header, payload, parts, array_hook=from_array)
         except RpcError as err:
             fut.set_exception(err)
             return
+        call.metadata = header.metadata
         if header.kind is Kind.REPLY:
             fut.set_result(value)
         elif header.kind is Kind.ERROR:
-            fut.set_exception(_error_from_payload(value))
+            error = error_from_payload(value)
+            error.metadata = header.metadata or {}
+            fut.set_exception(error)
         else:
             fut.set_exception(ProtocolError(f"unexpected {header.kind.name} frame as a reply"))
 
     # -- frames that no call was waiting for -------------------------------------------------------
 
     def on_frame(self, call_id: int, buf: bytearray) -> None:
+        stream = self._streams.get(call_id)
+        if stream is not None:
+            stream.on_frame(buf)
+            return
         # A reply whose call was abandoned (timed out or cancelled): consume its parts.
         try:
             header, _ = codec.decode_header(buf)
@@ -396,13 +705,10 @@ class Client:
             self.link.drain_parts(call_id, len(header.parts))
 
     def on_oversized(self, call_id: int, size: int) -> None:
+        error = ProtocolError(f"oversized reply of {size} bytes")
         call = self._pending.get(call_id)
         if call is not None and not call.fut.done():
-            call.fut.set_exception(ProtocolError(f"oversized reply of {size} bytes"))
-
-
-def _error_from_payload(value: Any) -> RpcError:
-    if type(value) is not list or len(value) != 5 or type(value[0]) is not int:
-        return ProtocolError("malformed error reply")
-    code, message, details, remote_type, tb = value
-    return error_from_status(code, str(message), details, str(remote_type or ""), str(tb or ""))
+            call.fut.set_exception(error)
+        stream = self._streams.get(call_id)
+        if stream is not None:
+            stream.fail(error)

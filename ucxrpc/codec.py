@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
 import msgpack
@@ -61,6 +61,7 @@ __all__ = [
     "MAX_PARTS",
     "PREFIX_SIZE",
     "VERSION",
+    "ArrayData",
     "Encoded",
     "Flags",
     "Header",
@@ -94,6 +95,8 @@ DEFAULT_OOB_THRESHOLD: Final = 16 * 1024
 #: A header larger than this is rejected before it is parsed.
 MAX_HEADER_SIZE: Final = 64 * 1024
 EXT_PART: Final = 1
+#: An n-dimensional array: ``[dtype, shape, data]`` where data is bytes or a part.
+EXT_ARRAY: Final = 2
 _CONTROL_LEN = struct.Struct("!I")
 
 
@@ -105,6 +108,14 @@ class Kind(enum.IntEnum):
     CANCEL = 3
     REPLY = 4
     ERROR = 5
+    #: A request whose results come back as a stream of ITEM frames and an END.
+    STREAM = 6
+    #: One item of a server stream (server to client).
+    ITEM = 7
+    #: The end of a server stream; its metadata is the trailing metadata.
+    END = 8
+    #: The consumer of a stream grants the producer more items (payload: a count).
+    CREDIT = 9
 
 
 class Flags(enum.IntFlag):
@@ -222,17 +233,55 @@ def _extract(obj: Any, parts: list[Any], threshold: int) -> Any:
     return obj
 
 
-def _packer_default(parts: list[Any], threshold: int) -> Any:
+class ArrayData:
+    """An n-dimensional array in neutral form, as the codec carries it.
+
+    The codec does not import numpy; the layer above turns arrays into this form
+    before encoding and back (with ``array_hook``) after decoding.
+
+    Attributes:
+        dtype: numpy's dtype string (``"<f8"``, ``"|u1"``, ...).
+        shape: The array's shape.
+        data: The elements in C order, as a bytes-like object.
+    """
+
+    __slots__ = ("data", "dtype", "shape")
+
+    def __init__(self, dtype: str, shape: Sequence[int], data: Any) -> None:
+        self.dtype = dtype
+        self.shape = tuple(shape)
+        self.data = data
+
+    def __repr__(self) -> str:
+        return f"ArrayData({self.dtype!r}, {self.shape!r}, <{_nbytes(self.data)} bytes>)"
+
+
+def _packer_default(
+    parts: list[Any], threshold: int, convert: Callable[[Any], Any] | None
+) -> Callable[[Any], Any]:
     def default(obj: Any) -> Any:
-        # Anything with the buffer protocol (numpy arrays, ...) travels as raw bytes.
-        try:
-            view = memoryview(obj)
-        except TypeError:
-            raise TypeError(f"cannot serialize {type(obj).__qualname__!r}") from None
-        view = view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
-        return _extract(view, parts, threshold)
+        if convert is not None and type(obj) is not ArrayData:
+            converted = convert(obj)
+            if converted is not obj:
+                obj = converted
+                if type(obj) is not ArrayData:
+                    return _extract(obj, parts, threshold)
+        if type(obj) is ArrayData:
+            data = _extract(_as_bytes_view(obj.data), parts, threshold)
+            body = _packb([obj.dtype, list(obj.shape), data], use_bin_type=True)
+            return msgpack.ExtType(EXT_ARRAY, body)
+        # Anything else with the buffer protocol travels as raw bytes.
+        return _extract(_as_bytes_view(obj), parts, threshold)
 
     return default
+
+
+def _as_bytes_view(obj: Any) -> memoryview:
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise TypeError(f"cannot serialize {type(obj).__qualname__!r}") from None
+    return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
 
 
 def encode(
@@ -247,6 +296,7 @@ def encode(
     oob_threshold: int = DEFAULT_OOB_THRESHOLD,
     inline_limit: int | None = None,
     max_size: int | None = None,
+    default: Callable[[Any], Any] | None = None,
 ) -> Encoded:
     """Encode a frame.
 
@@ -263,6 +313,9 @@ def encode(
         inline_limit: If set and the frame would be larger, the payload travels as
             the last part (the receiver posted a receive of this size).
         max_size: If set, the total size (frame and parts) may not exceed it.
+        default: Converts objects msgpack does not know (models, dates, ...) into
+            ones it does, or into :class:`ArrayData`; raises ``TypeError`` for the
+            rest. Bytes-like values in what it returns may become parts too.
 
     Returns:
         The frame and its parts.
@@ -279,7 +332,8 @@ def encode(
     except TypeError:
         # Only objects msgpack does not know reach the (slower) buffer-protocol hook;
         # the parts extracted above stay valid (the hook appends after them).
-        body = _packb(payload, default=_packer_default(parts, oob_threshold), use_bin_type=True)
+        hook = _packer_default(parts, oob_threshold, default)
+        body = _packb(payload, default=hook, use_bin_type=True)
     flags = 0
     if inline_limit is not None and PREFIX_SIZE + 64 + len(method) + len(body) > inline_limit:
         flags = _PAYLOAD_OOB
@@ -362,6 +416,10 @@ def decode_header(
         or not (metadata is None or type(metadata) is dict)
     ):
         raise ProtocolError("malformed frame header: a field has the wrong type")
+    if metadata:
+        for key, value in metadata.items():
+            if type(key) is not str or not (type(value) is str or type(value) is bytes):
+                raise ProtocolError("malformed frame header: metadata must map str to str or bytes")
     if part_sizes:
         if len(part_sizes) > MAX_PARTS or any(type(s) is not int or s < 0 for s in part_sizes):
             raise ProtocolError("malformed frame header: bad part sizes")
@@ -382,13 +440,21 @@ def decode_header(
     return header, memoryview(buf)[end:total]
 
 
-def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> Any:
+def decode_payload(
+    header: Header,
+    payload: Any,
+    parts: Sequence[Any] = (),
+    *,
+    array_hook: Callable[[ArrayData], Any] | None = None,
+) -> Any:
     """Decode a frame's payload, putting its received parts back in place.
 
     Args:
         header: The frame's header (from :func:`decode_header`).
         payload: The inline payload view.
         parts: The received data parts, in order (``len == len(header.parts)``).
+        array_hook: Turns each decoded :class:`ArrayData` into an array object
+            (default: the :class:`ArrayData` itself).
 
     Returns:
         The payload object. Parts come back as the received buffers (bytearray).
@@ -402,9 +468,30 @@ def decode_payload(header: Header, payload: Any, parts: Sequence[Any] = ()) -> A
         payload, parts = parts[-1], parts[:-1]
 
     def ext_hook(code: int, data: bytes) -> Any:
-        if code != EXT_PART or len(data) != 1 or data[0] >= len(parts):
-            raise ProtocolError(f"bad extension value (code {code})")
-        return parts[data[0]]
+        if code == EXT_PART and len(data) == 1 and data[0] < len(parts):
+            return parts[data[0]]
+        if code == EXT_ARRAY:
+            return _decode_array(data)
+        raise ProtocolError(f"bad extension value (code {code})")
+
+    def _decode_array(data: bytes) -> Any:
+        fields = _unpackb(data, ext_hook=ext_hook, use_list=True)
+        if (
+            type(fields) is not list
+            or len(fields) != 3
+            or type(fields[0]) is not str
+            or type(fields[1]) is not list
+            or any(type(n) is not int or n < 0 for n in fields[1])
+            or not isinstance(fields[2], (bytes, bytearray, memoryview))
+        ):
+            raise ProtocolError("malformed array value")
+        array = ArrayData(fields[0], fields[1], fields[2])
+        if array_hook is None:
+            return array
+        try:
+            return array_hook(array)
+        except (TypeError, ValueError) as exc:
+            raise ProtocolError(f"malformed array value: {exc}") from None
 
     try:
         return msgpack.unpackb(payload, ext_hook=ext_hook, use_list=True, strict_map_key=False)

@@ -62,6 +62,12 @@ class Config(BaseSettings):
     oob_threshold: int = Field(
         16 * 1024, ge=1024, description="bytes-like values this large travel out of band"
     )
+    stream_window: int = Field(
+        64,
+        ge=1,
+        le=65536,
+        description="stream items a server may send ahead of the consumer (flow control)",
+    )
     expose_tracebacks: bool = Field(
         True, description="send handler tracebacks to callers in RemoteError"
     )

@@ -10,6 +10,7 @@ Every error ucxrpc raises derives from one root and carries a gRPC status code::
     ├── ResourceExhausted         RESOURCE_EXHAUSTED (overload, message too large)
     ├── MethodNotFound            UNIMPLEMENTED
     ├── ProtocolError             INTERNAL         (malformed frame)
+    │   └── InvalidReply                           (reply fails the declared type)
     ├── Unavailable               UNAVAILABLE
     │   └── ConnectionLost                         (the peer went away)
     └── Unauthenticated           UNAUTHENTICATED
@@ -27,6 +28,7 @@ __all__ = [
     "ConnectionLost",
     "DeadlineExceeded",
     "InvalidArgument",
+    "InvalidReply",
     "MethodNotFound",
     "ProtocolError",
     "RemoteError",
@@ -35,6 +37,8 @@ __all__ = [
     "StatusCode",
     "Unauthenticated",
     "Unavailable",
+    "error_from_payload",
+    "error_payload",
     "error_from_status",
 ]
 
@@ -84,6 +88,8 @@ class RpcError(Exception):
         self.code = StatusCode(self.default_code if code is None else code)
         self.message = message
         self.details = details
+        #: Metadata the server sent with the error (trailing metadata), if any.
+        self.metadata: dict[str, str | bytes] = {}
         super().__init__(code, message, details)
 
     def __str__(self) -> str:
@@ -135,6 +141,14 @@ class ProtocolError(_FixedCode):
     """A frame could not be parsed: unknown version or kind, truncated, oversized."""
 
     default_code = StatusCode.INTERNAL
+
+
+class InvalidReply(ProtocolError):
+    """The reply did not match the result type the method declares (typed stubs).
+
+    The message names the field path, like ``result.text: Input should be a valid
+    string``.
+    """
 
 
 class Unavailable(_FixedCode):
@@ -226,3 +240,29 @@ def error_from_status(
     if cls is None:
         return RpcError(status, message, details)
     return cls(message, details)
+
+
+def error_from_payload(value: Any) -> RpcError:
+    """Build the error carried by an ERROR frame's payload.
+
+    The payload is ``[code, message, details, remote_type, traceback]``; anything
+    else is itself a :class:`ProtocolError`.
+    """
+    if type(value) is not list or len(value) != 5 or type(value[0]) is not int:
+        return ProtocolError("malformed error reply")
+    code, message, details, remote_type, tb = value
+    return error_from_status(code, str(message), details, str(remote_type or ""), str(tb or ""))
+
+
+def error_payload(exc: RpcError) -> list[Any]:
+    """The ERROR frame payload for ``exc`` (the inverse of :func:`error_from_payload`)."""
+    remote_type = getattr(exc, "remote_type", "")
+    tb = getattr(exc, "remote_traceback", "")
+    return [int(exc.code), exc.message, _plain(exc.details), remote_type, tb]
+
+
+def _plain(details: Any) -> Any:
+    """Details must cross the wire; anything msgpack cannot carry becomes its repr."""
+    if details is None or isinstance(details, (str, int, float, bool, bytes, list, dict)):
+        return details
+    return repr(details)

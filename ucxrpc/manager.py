@@ -7,7 +7,7 @@ import asyncio
 import itertools
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -19,6 +19,7 @@ from .errors import ResourceExhausted, RpcError, Unavailable
 
 if TYPE_CHECKING:
     from .client import Client
+    from .interceptors import Interceptor
     from .server import Server
 
 __all__ = ["Config", "Manager", "run"]
@@ -227,13 +228,22 @@ class Manager:
 
     # -- public conveniences -----------------------------------------------------------------
 
-    async def connect(self, host: str, port: int, *, timeout: float | None = None) -> Client:
+    async def connect(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float | None = None,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> Client:
         """Connect to a ucxrpc server.
 
         Args:
             host: The server's host name or address.
             port: The server's port.
             timeout: Seconds to wait for the connection (default ``config.connect_timeout``).
+            interceptors: Client interceptors, outermost first (see
+                :mod:`ucxrpc.interceptors`).
 
         Returns:
             A connected :class:`~ucxrpc.Client`.
@@ -245,7 +255,7 @@ class Manager:
         from .client import Client
 
         await self.start()
-        client = await Client.connect(self, host, port, timeout=timeout)
+        client = await Client.connect(self, host, port, timeout=timeout, interceptors=interceptors)
         self._clients.add(client)
         return client
 

@@ -6,26 +6,36 @@ import asyncio
 import contextvars
 import functools
 import hmac
+import inspect
 import logging
 import os
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec
 from ._control import auth_proof, check_version, read_message, tune_socket, write_message
-from ._handlers import Handler, Priority, make_handler, to_wire
+from ._handlers import Handler, Priority, make_handler
 from ._sched import PriorityLimiter
+from ._wire import from_array, to_wire
 from .codec import Kind
+from .context import CallContext, enter
 from .errors import (
     DeadlineExceeded,
+    InvalidArgument,
     MethodNotFound,
     ProtocolError,
+    RemoteError,
     ResourceExhausted,
     RpcError,
     Unauthenticated,
     Unavailable,
+    error_payload,
 )
+from .interceptors import Interceptor, run_chain
+from .reflection import DESCRIBE_METHOD, describe
+from .service import Service, rpc_methods, rpc_options
+from .stream import Credit
 from .transport import Link
 
 if TYPE_CHECKING:
@@ -34,6 +44,10 @@ if TYPE_CHECKING:
 __all__ = ["Priority", "Server"]
 
 log = logging.getLogger("ucxrpc.server")
+#: Stream items a server may send ahead of the consumer when the client names none.
+DEFAULT_WINDOW = 16
+#: The largest stream window (and credit grant) accepted.
+MAX_WINDOW = 1 << 16
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -44,10 +58,19 @@ class Server:
         max_concurrency: Handlers that may run at once across all connections; calls
             beyond it wait and start in priority order (FIFO within a priority).
             ``None`` means no limit.
+        interceptors: Server interceptors, outermost first (see
+            :mod:`ucxrpc.interceptors`).
     """
 
-    def __init__(self, *, max_concurrency: int | None = 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_concurrency: int | None = 1024,
+        interceptors: Sequence[Interceptor] = (),
+    ) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._interceptors: list[Interceptor] = list(interceptors)
+        self._add_builtin_methods()
         self._limiter = PriorityLimiter(max_concurrency)
         self._manager: Manager | None = None
         self._tcp: asyncio.Server | None = None
@@ -70,8 +93,9 @@ class Server:
         /,
         *,
         name: str | None = None,
-        priority: int = Priority.NORMAL,
+        priority: int | None = None,
         timeout: float | None = None,
+        idempotent: bool | None = None,
     ) -> Callable[[F], F]: ...
 
     def rpc(
@@ -80,20 +104,25 @@ class Server:
         /,
         *,
         name: str | None = None,
-        priority: int = Priority.NORMAL,
+        priority: int | None = None,
         timeout: float | None = None,
+        idempotent: bool | None = None,
     ) -> F | Callable[[F], F]:
         """Register a function as a remote method (a decorator, with or without arguments).
 
         Args:
-            func: The function (async, or plain: plain ones run in a thread).
+            func: The function: async, an async generator (server streaming), or
+                plain (plain ones run in a thread).
             name: The method name (default: the function's ``__name__``).
-            priority: Default priority of calls to this method.
+            priority: Default priority of calls to this method (default NORMAL).
             timeout: Longest time a call may run on the server (seconds).
+            idempotent: Calls may safely be retried (default False).
         """
 
         def register(f: F) -> F:
-            self.add_handler(f, name=name, priority=priority, timeout=timeout)
+            self.add_handler(
+                f, name=name, priority=priority, timeout=timeout, idempotent=idempotent
+            )
             return f
 
         return register(func) if func is not None else register
@@ -103,10 +132,21 @@ class Server:
         func: Callable[..., Any],
         *,
         name: str | None = None,
-        priority: int = Priority.NORMAL,
+        priority: int | None = None,
         timeout: float | None = None,
+        idempotent: bool | None = None,
+        hints_from: Callable[..., Any] | None = None,
     ) -> Handler:
-        """Register ``func`` under ``name``; the non-decorator form of :meth:`rpc`."""
+        """Register ``func``; the non-decorator form of :meth:`rpc`.
+
+        Options not given come from :func:`ucxrpc.rpc` if it marked ``func``.
+        """
+        marked = rpc_options(func) or rpc_options(hints_from)
+        if marked is not None:
+            name = name or marked.name
+            priority = marked.priority if priority is None else priority
+            timeout = marked.timeout if timeout is None else timeout
+            idempotent = marked.idempotent if idempotent is None else idempotent
         method = name or getattr(func, "__name__", None)
         if not method:
             raise ValueError("a method name is required")
@@ -114,9 +154,62 @@ class Server:
             raise ValueError(f"method {method!r} is already registered")
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
-        handler = make_handler(func, name=method, priority=priority, timeout=timeout)
+        handler = make_handler(
+            func,
+            name=method,
+            priority=Priority.NORMAL if priority is None else priority,
+            timeout=timeout,
+            idempotent=bool(idempotent),
+            hints_from=hints_from,
+        )
         self._handlers[method] = handler
         return handler
+
+    def add_service(self, service: Service) -> list[Handler]:
+        """Register every remote method of a service instance.
+
+        Method names are ``"<service name>.<method>"``, for example ``"echo.v1.shout"``.
+
+        Args:
+            service: An instance of a :class:`~ucxrpc.Service` implementation.
+
+        Returns:
+            The registered handlers.
+        """
+        if isinstance(service, type) or not isinstance(service, Service):
+            raise TypeError(f"add_service() needs a Service instance, not {service!r}")
+        decls = rpc_methods(type(service))
+        if not decls:
+            raise TypeError(f"{type(service).__qualname__} declares no @ucxrpc.rpc methods")
+        clash = [d.wire_name for d in decls if d.wire_name in self._handlers]
+        if clash:
+            raise ValueError(f"methods already registered: {', '.join(clash)}")
+        handlers = []
+        for decl in decls:
+            impl = getattr(service, decl.attr)
+            if decl.is_stream is not _is_stream(impl):
+                kind = "an async generator" if decl.is_stream else "not an async generator"
+                raise TypeError(
+                    f"{type(service).__qualname__}.{decl.attr} must be {kind}, "
+                    "as its interface declares"
+                )
+            handlers.append(self.add_handler(impl, name=decl.wire_name, hints_from=decl.func))
+        return handlers
+
+    def add_interceptor(self, interceptor: Interceptor) -> None:
+        """Add a server interceptor (innermost of those added so far)."""
+        self._interceptors.append(interceptor)
+
+    def _add_builtin_methods(self) -> None:
+        from . import __version__
+
+        async def describe_server() -> dict[str, Any]:
+            """This server's methods, with the JSON Schema of their arguments and results."""
+            return describe(self._handlers, __version__).model_dump()
+
+        self.add_handler(
+            describe_server, name=DESCRIBE_METHOD, priority=Priority.HIGH, idempotent=True
+        )
 
     @property
     def handlers(self) -> dict[str, Handler]:
@@ -276,49 +369,102 @@ class Server:
         deadline: float | None,
     ) -> None:
         call_id = header.call_id
-        reply = header.kind is Kind.REQUEST
+        kind = header.kind
+        reply = kind is not Kind.NOTIFY
         handler = self._handlers.get(header.method)
         acquired = False
+        ctx: CallContext | None = None
+        loop = asyncio.get_running_loop()
         try:
             if handler is None:
                 raise MethodNotFound(f"method {header.method!r} is not registered")
+            if handler.is_stream is not (kind is Kind.STREAM):
+                raise InvalidArgument(_kind_mismatch(handler))
             if handler.timeout is not None:
-                cap = asyncio.get_running_loop().time() + handler.timeout
+                cap = loop.time() + handler.timeout
                 deadline = cap if deadline is None else min(deadline, cap)
             priority = header.priority if header.priority is not None else handler.priority
+            ctx = CallContext(
+                header.method,
+                kind="stream" if handler.is_stream else ("unary" if reply else "notify"),
+                metadata=header.metadata,
+                deadline=deadline,
+                priority=priority,
+                peer=conn.peer,
+            )
+            enter(ctx)
             if not self._limiter.try_acquire():
                 await self._limiter.acquire(priority)
             acquired = True
-            args, kwargs = _split_args(codec.decode_payload(header, payload, parts))
-            args, kwargs = handler.bind(args, kwargs)
+            if deadline is not None and deadline <= loop.time():
+                raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
+            proceed = functools.partial(self._proceed, conn, handler, header, payload, parts)
+            run = run_chain(self._interceptors, ctx, proceed) if self._interceptors else proceed()
             if deadline is None:
-                result = await self._invoke(handler, args, kwargs)
+                result = await run
             else:
-                if deadline <= asyncio.get_running_loop().time():
-                    raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
                 try:
                     async with asyncio.timeout_at(deadline):
-                        result = await self._invoke(handler, args, kwargs)
+                        result = await run
                 except TimeoutError:
-                    if deadline <= asyncio.get_running_loop().time():
+                    if deadline <= loop.time():
                         raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
                     raise
             if reply:
-                conn.reply(call_id, Kind.REPLY, to_wire(result))
+                end = Kind.END if handler.is_stream else Kind.REPLY
+                conn.reply(call_id, end, result, ctx.response_metadata or None)
         except asyncio.CancelledError:
             raise  # the caller cancelled (or the connection closed): nobody awaits a reply
         except RpcError as exc:
             if reply:
-                conn.reply_error(call_id, exc)
+                conn.reply_error(call_id, exc, ctx.response_metadata if ctx else None)
         except Exception as exc:
             if reply:
-                conn.reply_exception(call_id, exc)
+                conn.reply_exception(call_id, exc, ctx.response_metadata if ctx else None)
             else:
                 log.warning("notification %r failed: %r", header.method, exc)
         finally:
             if acquired:
                 self._limiter.release()
             conn.calls.pop(call_id, None)
+
+    async def _proceed(
+        self,
+        conn: _ServerConn,
+        handler: Handler,
+        header: codec.Header,
+        payload: memoryview,
+        parts: list[Any],
+    ) -> Any:
+        """Validate the arguments and run the handler (the innermost step of the chain)."""
+        decoded = codec.decode_payload(header, payload, parts, array_hook=from_array)
+        args, kwargs = handler.bind(*_split_args(decoded))
+        if handler.is_stream:
+            await self._stream(conn, header.call_id, handler, args, kwargs)
+            return None
+        return await self._invoke(handler, args, kwargs)
+
+    async def _stream(
+        self,
+        conn: _ServerConn,
+        call_id: int,
+        handler: Handler,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> None:
+        credit = Credit(conn.window)
+        conn.credits[call_id] = credit
+        agen = handler.func(*args, **kwargs)
+        try:
+            async for item in agen:
+                if credit.available > 0:
+                    credit.available -= 1
+                else:
+                    await credit.take()
+                conn.send_item(call_id, item)
+        finally:
+            conn.credits.pop(call_id, None)
+            await agen.aclose()
 
     async def _invoke(self, handler: Handler, args: list[Any], kwargs: dict[str, Any]) -> Any:
         if handler.is_async:
@@ -328,6 +474,16 @@ class Server:
         ctx = contextvars.copy_context()
         call = functools.partial(ctx.run, handler.func, *args, **kwargs)
         return await loop.run_in_executor(self._manager.executor, call)
+
+
+def _is_stream(func: Any) -> bool:
+    return inspect.isasyncgenfunction(func)
+
+
+def _kind_mismatch(handler: Handler) -> str:
+    if handler.is_stream:
+        return f"{handler.name!r} streams its results: iterate client.stream({handler.name!r}, ...)"
+    return f"{handler.name!r} is not a streaming method: use client.call({handler.name!r}, ...)"
 
 
 def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -352,7 +508,11 @@ class _ServerConn:
         self.manager = manager
         self.writer = writer
         self.calls: dict[int, asyncio.Task[None]] = {}
+        self.credits: dict[int, Credit] = {}
         self.link: Link = None  # type: ignore[assignment]  # set by open()
+        peer = writer.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
+        self.window = DEFAULT_WINDOW
         self._closed = False
         cfg = manager.config
         self._max_inflight = cfg.max_inflight
@@ -369,6 +529,9 @@ class _ServerConn:
             or slot < codec.PREFIX_SIZE + 64
         ):
             raise ProtocolError("malformed hello")
+        window = hello.get("win")
+        if type(window) is int and 0 < window <= MAX_WINDOW:
+            self.window = window
         peer_max = hello.get("max")
         max_size = self.manager.config.max_message_size
         if type(peer_max) is int and peer_max > 0:
@@ -389,7 +552,7 @@ class _ServerConn:
             return
         self.link.bytes_received += len(buf)
         kind = header.kind
-        if kind is Kind.REQUEST or kind is Kind.NOTIFY:
+        if kind is Kind.REQUEST or kind is Kind.NOTIFY or kind is Kind.STREAM:
             loop = asyncio.get_running_loop()
             deadline = None if header.timeout is None else loop.time() + header.timeout
             if header.parts:
@@ -404,8 +567,25 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()
+        elif kind is Kind.CREDIT:
+            self._on_credit(call_id, header, payload)
         else:
             self.reply_error(call_id, ProtocolError(f"unexpected {kind.name} frame from a client"))
+
+    def _on_credit(self, call_id: int, header: codec.Header, payload: memoryview) -> None:
+        try:
+            count = codec.decode_payload(header, payload) if not header.parts else None
+        except ProtocolError:
+            count = None
+        if type(count) is not int or not 0 < count <= MAX_WINDOW:
+            task = self.calls.pop(call_id, None)
+            if task is not None:
+                task.cancel()
+            self.reply_error(call_id, ProtocolError("malformed CREDIT frame"))
+            return
+        credit = self.credits.get(call_id)
+        if credit is not None:  # else the stream has ended; credits may cross its END
+            credit.grant(count)
 
     def on_oversized(self, call_id: int, size: int) -> None:
         self.reply_error(
@@ -448,34 +628,66 @@ class _ServerConn:
 
     # -- replies -----------------------------------------------------------------------------------
 
-    def reply(self, call_id: int, kind: Kind, payload: Any) -> None:
-        if self._closed:
-            return
+    def _encode(
+        self, call_id: int, kind: Kind, payload: Any, metadata: dict[str, Any] | None
+    ) -> codec.Encoded:
         link = self.link
+        # Unary replies land in the caller's slot; stream frames are received at size.
+        inline = link.remote_slot if kind is Kind.REPLY or kind is Kind.ERROR else None
         try:
-            encoded = codec.encode(
+            return codec.encode(
                 kind,
                 call_id,
                 payload,
+                metadata=metadata,
                 oob_threshold=self._oob,
-                inline_limit=link.remote_slot,
+                inline_limit=inline,
                 max_size=link.max_size,
+                default=to_wire,
             )
-        except RpcError as exc:
-            self.reply_error(call_id, exc)
-            return
         except (TypeError, ValueError, OverflowError) as exc:
-            self.reply_error(call_id, RpcError(13, f"the result cannot be serialized: {exc}"))
-            return
+            raise RpcError(13, f"the result cannot be serialized: {exc}") from None
+
+    def _send(self, call_id: int, encoded: codec.Encoded) -> None:
         try:
-            link.send(call_id, encoded)
+            self.link.send(call_id, encoded)
         except RpcError as exc:
             self._send_failed(exc)
 
-    def reply_error(self, call_id: int, exc: RpcError) -> None:
-        self.reply(call_id, Kind.ERROR, [int(exc.code), exc.message, _plain(exc.details), "", ""])
+    def reply(
+        self, call_id: int, kind: Kind, payload: Any, metadata: dict[str, Any] | None = None
+    ) -> None:
+        """Send a reply (or the end of a stream); a result that cannot be sent becomes
+        an error reply."""
+        if self._closed:
+            return
+        try:
+            encoded = self._encode(call_id, kind, payload, metadata)
+        except RpcError as exc:
+            self.reply_error(call_id, exc, metadata)
+            return
+        self._send(call_id, encoded)
 
-    def reply_exception(self, call_id: int, exc: BaseException) -> None:
+    def send_item(self, call_id: int, item: Any) -> None:
+        """Send one stream item.
+
+        Raises:
+            RpcError: The item cannot be serialized (the stream ends with it).
+        """
+        if not self._closed:
+            self._send(call_id, self._encode(call_id, Kind.ITEM, item, None))
+
+    def reply_error(
+        self, call_id: int, exc: RpcError, metadata: dict[str, Any] | None = None
+    ) -> None:
+        payload = error_payload(exc)
+        if not self._tracebacks:
+            payload[4] = ""  # also for a RemoteError passed on from a nested call
+        self.reply(call_id, Kind.ERROR, payload, metadata)
+
+    def reply_exception(
+        self, call_id: int, exc: BaseException, metadata: dict[str, Any] | None = None
+    ) -> None:
         tb = "".join(traceback.format_exception(exc)) if self._tracebacks else ""
         kind = type(exc)
         name = (
@@ -483,7 +695,8 @@ class _ServerConn:
             if kind.__module__ == "builtins"
             else (f"{kind.__module__}.{kind.__qualname__}")
         )
-        self.reply(call_id, Kind.ERROR, [2, str(exc), None, name, tb])
+        error = RemoteError(str(exc), remote_type=name, remote_traceback=tb)
+        self.reply_error(call_id, error, metadata)
 
     def _send_failed(self, exc: RpcError) -> None:
         log.info("connection to a client failed: %s", exc)
@@ -506,10 +719,3 @@ class _ServerConn:
             self.link.closed = True
             self.manager.unregister(self.link.local_id)
             await self.manager.close_endpoint(self.link.ep)
-
-
-def _plain(details: Any) -> Any:
-    """Details must cross the wire; anything msgpack cannot carry becomes its repr."""
-    if details is None or isinstance(details, (str, int, float, bool, bytes, list, dict)):
-        return details
-    return repr(details)

@@ -1,0 +1,279 @@
+"""Server streaming: the client's iterator and the credits that pace the producer.
+
+A stream is one call whose results arrive as ITEM frames followed by END (or ERROR),
+all on the call's frame tag. The consumer grants the producer credits: the server
+may send ``window`` items ahead of what the consumer has taken, and the client
+grants more as it takes them (half a window at a time). A slow consumer therefore
+slows the producer, and neither side buffers more than a window of items.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from . import codec
+from ._wire import from_array
+from .codec import Kind
+from .errors import ProtocolError, RpcError, error_from_payload
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .context import Metadata
+
+__all__ = ["Credit", "Stream", "StreamCall"]
+
+T = TypeVar("T")
+
+_ITEM = Kind.ITEM
+_END = Kind.END
+_ERROR = Kind.ERROR
+
+
+class Credit:
+    """The producer's side of flow control: how many items it may still send."""
+
+    __slots__ = ("available", "waiter")
+
+    def __init__(self, available: int) -> None:
+        self.available = available
+        self.waiter: asyncio.Future[None] | None = None
+
+    async def take(self) -> None:
+        """Wait for a credit and use it."""
+        while self.available <= 0:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        self.available -= 1
+
+    def grant(self, count: int) -> None:
+        """The consumer took ``count`` items: allow as many more."""
+        self.available += count
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class StreamCall:
+    """The client's state of one open stream, registered with the client by call id.
+
+    Entries are appended in frame order and become ready when their data parts have
+    arrived, so items are delivered in order even when parts arrive late.
+    """
+
+    def __init__(self, client: Client, call_id: int, window: int) -> None:
+        self.client = client
+        self.call_id = call_id
+        self.credit_step = max(window // 2, 1)
+        # Each entry: [ready, kind, value, metadata]
+        self.items: deque[list[Any]] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.metadata: Metadata = {}
+        self.unacked = 0
+        self.timer: asyncio.TimerHandle | None = None
+
+    @property
+    def buffered(self) -> int:
+        """Items received and not yet taken by the consumer."""
+        return len(self.items)
+
+    # -- frames from the server ---------------------------------------------------------------
+
+    def on_frame(self, buf: bytearray) -> None:
+        link = self.client.link
+        try:
+            header, payload = codec.decode_header(buf, max_size=link.max_size)
+        except RpcError as exc:
+            self.fail(exc)
+            return
+        link.bytes_received += len(buf)
+        kind = header.kind
+        if kind is not _ITEM and kind is not _END and kind is not _ERROR:
+            self.fail(ProtocolError(f"unexpected {kind.name} frame in a stream"))
+            return
+        entry: list[Any] = [False, kind, None, header.metadata]
+        self.items.append(entry)
+        if header.parts:
+            link.recv_parts(
+                self.call_id,
+                header.parts,
+                lambda exc, parts: self._ready(entry, header, payload, parts, exc),
+            )
+        else:
+            self._ready(entry, header, payload, [], None)
+
+    def _ready(
+        self,
+        entry: list[Any],
+        header: codec.Header,
+        payload: memoryview,
+        parts: list[Any],
+        exc: BaseException | None,
+    ) -> None:
+        if exc is not None:
+            entry[1], entry[2] = _ERROR, ProtocolError(f"a data part failed to arrive: {exc}")
+        else:
+            try:
+                value = codec.decode_payload(header, payload, parts, array_hook=from_array)
+            except RpcError as err:
+                entry[1], entry[2] = _ERROR, err
+            else:
+                entry[2] = error_from_payload(value) if entry[1] is _ERROR else value
+        entry[0] = True
+        if entry is self.items[0]:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def fail(self, exc: BaseException) -> None:
+        """End the stream with ``exc`` (deadline, lost connection, bad frame)."""
+        if self.error is None:
+            self.error = exc
+        self._wake()
+
+    # -- the consumer ---------------------------------------------------------------------------
+
+    async def next(self) -> Any:
+        """The next item.
+
+        Raises:
+            StopAsyncIteration: The stream ended.
+            RpcError: The server ended the stream with an error, or the call failed.
+        """
+        while True:
+            if self.error is not None:
+                self.abandon()
+                raise self.error
+            items = self.items
+            if items and items[0][0]:
+                _, kind, value, metadata = items.popleft()
+                if kind is _ITEM:
+                    self.unacked += 1
+                    if self.unacked >= self.credit_step:
+                        self.client._grant(self.call_id, self.unacked)
+                        self.unacked = 0
+                    return value
+                self.metadata = metadata or {}
+                self.finish()
+                if kind is _END:
+                    raise StopAsyncIteration
+                if isinstance(value, RpcError):
+                    value.metadata = self.metadata
+                raise value
+            if self.done:
+                raise StopAsyncIteration
+            self.waiter = self.client._loop.create_future()
+            await self.waiter
+
+    def finish(self) -> None:
+        """The stream ended normally: forget it (nothing to tell the server)."""
+        if not self.done:
+            self.done = True
+            self.client._end_stream(self)
+
+    def abandon(self) -> None:
+        """Stop consuming: tell the server to cancel the generator, and forget the call."""
+        if not self.done:
+            self.done = True
+            self.client._end_stream(self, cancel=True)
+
+
+class Stream(AsyncIterator[T], Generic[T]):
+    """The results of a streaming call: ``async for item in client.stream(...)``.
+
+    The request is sent on the first iteration (or on ``async with``). Leaving the
+    loop early, cancelling the consuming task, or :meth:`aclose` cancels the
+    generator on the server. The call's deadline covers the whole stream.
+
+    Attributes:
+        method: The method name.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        *,
+        timeout: float | None,
+        priority: int | None,
+        metadata: Metadata | None,
+        convert: Callable[[Any], T] | None = None,
+    ) -> None:
+        self.method = method
+        self._client = client
+        self._request = (args, kwargs, timeout, priority, metadata)
+        self._convert = convert
+        self._call: StreamCall | None = None
+        self._closed = False
+
+    async def _open(self) -> StreamCall:
+        if self._closed:
+            raise RuntimeError("the stream is closed")
+        args, kwargs, timeout, priority, metadata = self._request
+        self._call = await self._client._open_stream(
+            self.method, args, kwargs, timeout, priority, metadata
+        )
+        return self._call
+
+    def __aiter__(self) -> Stream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        call = self._call
+        if call is None:
+            if self._closed:
+                raise StopAsyncIteration
+            call = await self._open()
+        try:
+            value = await call.next()
+        except asyncio.CancelledError:
+            call.abandon()
+            raise
+        if self._convert is None:
+            return value  # type: ignore[no-any-return]
+        try:
+            return self._convert(value)
+        except RpcError:
+            call.abandon()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the stream; the server's generator is cancelled if it is still running."""
+        self._closed = True
+        if self._call is not None:
+            self._call.abandon()
+
+    async def __aenter__(self) -> Stream[T]:
+        if self._call is None:
+            await self._open()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @property
+    def metadata(self) -> Metadata:
+        """The trailing metadata the server sent with the end of the stream."""
+        return {} if self._call is None else self._call.metadata
+
+    @property
+    def buffered(self) -> int:
+        """Items received and not yet consumed (at most the stream window)."""
+        return 0 if self._call is None else self._call.buffered
+
+    def __del__(self) -> None:
+        # ``async for ...: break`` drops the last reference here: cancel on the server.
+        call = self._call
+        if call is not None and not call.done:
+            loop = call.client._loop
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(call.abandon)
