@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import AsyncIterator
 
 import ucxrpc
 
@@ -19,6 +20,15 @@ async def ping() -> str:
 async def sleep(seconds: float) -> str:
     await asyncio.sleep(seconds)
     return "AWAKE"
+
+
+@server.rpc
+async def ticks(period: float) -> AsyncIterator[int]:
+    n = 0
+    while True:
+        yield n
+        n += 1
+        await asyncio.sleep(period)
 
 
 async def main() -> None:
