@@ -581,7 +581,7 @@ class Client:
 
     def stub(
         self,
-        service: type[S],
+        service: Callable[..., S],
         *,
         timeout: float | None = None,
         priority: int | None = None,
@@ -594,7 +594,9 @@ class Client:
         match raises :class:`~ucxrpc.errors.InvalidReply`.
 
         Args:
-            service: The :class:`~ucxrpc.Service` interface (or an implementation).
+            service: The :class:`~ucxrpc.Service` interface (abstract or not) or an
+                implementation. (Typed as a callable returning the service so that
+                type checkers accept abstract interfaces.)
             timeout: The timeout of every call made through the stub.
             priority: The priority of every call made through the stub.
             metadata: Metadata sent with every call made through the stub.

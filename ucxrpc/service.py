@@ -4,9 +4,11 @@ An interface is a :class:`Service` subclass whose methods carry :func:`rpc`::
 
     class EchoApi(ucxrpc.Service, name="echo.v1"):
         @ucxrpc.rpc
+        @abstractmethod
         async def shout(self, req: EchoRequest) -> EchoReply: ...
 
         @ucxrpc.rpc
+        @abstractmethod
         def count(self, n: int) -> AsyncIterator[int]: ...   # server streaming
 
 A subclass implements it and :meth:`Server.add_service` registers an instance under
@@ -22,6 +24,7 @@ Nothing is registered at import time: a class only defines the contract.
 from __future__ import annotations
 
 import inspect
+from abc import ABC
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
@@ -146,11 +149,15 @@ class MethodDecl:
         return self.item_type is not None
 
 
-class Service:
+class Service(ABC):
     """Base class of service interfaces and their implementations.
 
     Give the service its name as a class keyword, ``class EchoApi(Service,
     name="echo.v1")``; implementations inherit it. Without one, the class name is used.
+
+    Interface methods may be marked ``@abc.abstractmethod`` (under ``@rpc``): type
+    checkers then accept their empty bodies, and an implementation that misses one
+    cannot be instantiated.
     """
 
     __service_name__: ClassVar[str] = ""
@@ -271,7 +278,7 @@ def _bind(
 
 def make_stub(
     client: Client,
-    service: type[S],
+    service: Callable[..., S],
     *,
     timeout: float | None = None,
     priority: int | None = None,
