@@ -190,7 +190,7 @@ def test_an_incomplete_implementation_cannot_be_instantiated() -> None:
         async def one(self) -> int:
             return 1
 
-    with pytest.raises(TypeError, match="abstract method.*two"):
+    with pytest.raises(TypeError, match=r"abstract method.*two"):
         Partial()  # type: ignore[abstract]
 
 

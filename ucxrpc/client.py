@@ -427,8 +427,12 @@ class Client:
             try:
                 link.send(call_id, encoded)
                 return await fut
-            except (asyncio.CancelledError, DeadlineExceeded):
-                self._abandon(call)
+            except asyncio.CancelledError:
+                self._abandon(call, cancel=True)
+                raise
+            except DeadlineExceeded:
+                # The server holds the same deadline and stops the handler itself.
+                self._abandon(call, cancel=False)
                 raise
             finally:
                 if call.timer is not None:
@@ -616,13 +620,14 @@ class Client:
         if not call.fut.done():
             call.fut.set_exception(DeadlineExceeded(f"{method!r} did not answer in time"))
 
-    def _abandon(self, call: _Call) -> None:
-        """Withdraw a call's posted receive and tell the server to stop working on it."""
+    def _abandon(self, call: _Call, *, cancel: bool) -> None:
+        """Withdraw a call's posted receive; with ``cancel``, tell the server to stop."""
         engine = self._manager._engine
         if call.op is not None and engine is not None:
             engine.cancel(call.op)
             call.op = None
-        self._send_cancel(call.call_id)
+        if cancel:
+            self._send_cancel(call.call_id)
 
     def _send_cancel(self, call_id: int) -> None:
         if self._lost is None:

@@ -398,18 +398,13 @@ class Server:
             acquired = True
             if deadline is not None and deadline <= loop.time():
                 raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
-            proceed = functools.partial(self._proceed, conn, handler, header, payload, parts)
-            run = run_chain(self._interceptors, ctx, proceed) if self._interceptors else proceed()
-            if deadline is None:
-                result = await run
+            proceed = functools.partial(
+                self._proceed, conn, handler, header, payload, parts, deadline
+            )
+            if self._interceptors:
+                result = await run_chain(self._interceptors, ctx, proceed)
             else:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        result = await run
-                except TimeoutError:
-                    if deadline <= loop.time():
-                        raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
-                    raise
+                result = await proceed()
             if reply:
                 end = Kind.END if handler.is_stream else Kind.REPLY
                 conn.reply(call_id, end, result, ctx.response_metadata or None)
@@ -435,12 +430,35 @@ class Server:
         header: codec.Header,
         payload: memoryview,
         parts: list[Any],
+        deadline: float | None,
     ) -> Any:
-        """Validate the arguments and run the handler (the innermost step of the chain)."""
+        """Validate the arguments and run the handler (the innermost step of the chain).
+
+        The deadline is enforced here, so interceptors see :class:`DeadlineExceeded`
+        rather than a bare cancellation.
+        """
         decoded = codec.decode_payload(header, payload, parts, array_hook=from_array)
         args, kwargs = handler.bind(*_split_args(decoded))
+        if deadline is None:
+            return await self._execute(conn, header.call_id, handler, args, kwargs)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._execute(conn, header.call_id, handler, args, kwargs)
+        except TimeoutError:
+            if deadline <= asyncio.get_running_loop().time():
+                raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
+            raise
+
+    async def _execute(
+        self,
+        conn: _ServerConn,
+        call_id: int,
+        handler: Handler,
+        args: list[Any],
+        kwargs: dict[str, Any],
+    ) -> Any:
         if handler.is_stream:
-            await self._stream(conn, header.call_id, handler, args, kwargs)
+            await self._stream(conn, call_id, handler, args, kwargs)
             return None
         return await self._invoke(handler, args, kwargs)
 

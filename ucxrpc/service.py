@@ -149,7 +149,7 @@ class MethodDecl:
         return self.item_type is not None
 
 
-class Service(ABC):
+class Service(ABC):  # noqa: B024 - abstract so interfaces may use @abstractmethod
     """Base class of service interfaces and their implementations.
 
     Give the service its name as a class keyword, ``class EchoApi(Service,

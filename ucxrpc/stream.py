@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from . import codec
 from ._wire import from_array
 from .codec import Kind
-from .errors import ProtocolError, RpcError, error_from_payload
+from .errors import DeadlineExceeded, ProtocolError, RpcError, error_from_payload
 
 if TYPE_CHECKING:
     from .client import Client
@@ -149,7 +149,10 @@ class StreamCall:
         """
         while True:
             if self.error is not None:
-                self.abandon()
+                if isinstance(self.error, DeadlineExceeded):
+                    self.finish()  # the server holds the same deadline and stops itself
+                else:
+                    self.abandon()
                 raise self.error
             items = self.items
             if items and items[0][0]:
