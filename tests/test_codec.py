@@ -207,3 +207,87 @@ def test_codec_import_loads_neither_ucxx_nor_asyncio() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@given(
+    metadata=st.dictionaries(st.text(max_size=10), st.text(max_size=20) | st.binary(max_size=20))
+)
+@settings(max_examples=100, deadline=None)
+def test_metadata_roundtrip(metadata: dict[str, str | bytes]) -> None:
+    header, _ = roundtrip(codec.encode(Kind.REPLY, 1, None, metadata=metadata))
+    assert (header.metadata or {}) == metadata
+
+
+@pytest.mark.parametrize("metadata", [{"k": 1}, {1: "v"}, {"k": ["v"]}, {"k": None}])
+def test_bad_metadata_is_a_protocol_error(metadata: dict[object, object]) -> None:
+    frame = codec.encode(Kind.REQUEST, 1, [[], {}], metadata=metadata).frame  # type: ignore[arg-type]
+    with pytest.raises(ProtocolError, match="malformed frame header"):
+        codec.decode_header(frame)
+
+
+def test_arrays_travel_as_dtype_shape_and_a_part() -> None:
+    data = bytes(range(256)) * 256  # 64 KiB: out of band
+    array = codec.ArrayData("<u2", (128, 256), data)
+    enc = codec.encode(Kind.REPLY, 1, {"a": array, "small": codec.ArrayData("|u1", [2], b"ab")})
+    assert len(enc.parts) == 1 and bytes(enc.parts[0]) == data
+    header, out = roundtrip(enc)
+    assert isinstance(out, dict)
+    big, small = out["a"], out["small"]
+    assert isinstance(big, codec.ArrayData) and isinstance(small, codec.ArrayData)
+    assert (big.dtype, big.shape, bytes(big.data)) == ("<u2", (128, 256), data)
+    assert (small.dtype, small.shape, bytes(small.data)) == ("|u1", (2,), b"ab")
+    assert repr(array) == "ArrayData('<u2', (128, 256), <65536 bytes>)"
+    hooked = codec.decode_payload(
+        header,
+        codec.decode_header(enc.frame)[1],
+        [bytearray(data)],
+        array_hook=lambda a: (a.dtype, a.shape),
+    )
+    assert hooked["a"] == ("<u2", (128, 256))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        msgpack.packb(["<u2", [2]]),  # two fields
+        msgpack.packb([1, [2], b"ab"]),  # dtype not a string
+        msgpack.packb(["<u2", [-1], b"ab"]),  # negative dimension
+        msgpack.packb(["<u2", [2], "ab"]),  # data not bytes
+        b"\xc1",  # not msgpack
+    ],
+)
+def test_malformed_arrays_are_protocol_errors(body: bytes) -> None:
+    payload = msgpack.packb(msgpack.ExtType(codec.EXT_ARRAY, body))
+    header = codec.Header(Kind.REPLY, 1)
+    with pytest.raises(ProtocolError):
+        codec.decode_payload(header, payload)
+
+
+def test_array_hook_errors_become_protocol_errors() -> None:
+    enc = codec.encode(Kind.REPLY, 1, codec.ArrayData("<f8", [3], b"12345"))
+    header, payload = codec.decode_header(enc.frame)
+
+    def strict(a: codec.ArrayData) -> object:
+        raise ValueError("buffer size must be a multiple of element size")
+
+    with pytest.raises(ProtocolError, match="malformed array value: buffer size"):
+        codec.decode_payload(header, payload, array_hook=strict)
+
+
+def test_the_default_hook_converts_unknown_values_and_their_large_buffers() -> None:
+    class Box:
+        def __init__(self, blob: bytes) -> None:
+            self.blob = blob
+
+    def default(obj: object) -> object:
+        if isinstance(obj, Box):
+            return {"blob": obj.blob}
+        raise TypeError(f"cannot serialize {type(obj).__qualname__!r}")
+
+    blob = b"z" * 40_000
+    enc = codec.encode(Kind.REPLY, 1, [Box(blob), Box(b"tiny")], default=default)
+    assert len(enc.parts) == 1  # the large field left msgpack even inside a converted value
+    _, out = roundtrip(enc)
+    assert out == [{"blob": blob}, {"blob": b"tiny"}]
+    with pytest.raises(TypeError, match="cannot serialize 'object'"):
+        codec.encode(Kind.REPLY, 1, object(), default=default)

@@ -281,6 +281,8 @@ def _as_bytes_view(obj: Any) -> memoryview:
         view = memoryview(obj)
     except TypeError:
         raise TypeError(f"cannot serialize {type(obj).__qualname__!r}") from None
+    if view.nbytes == 0:
+        return memoryview(b"")  # a view with a zero in its shape cannot be cast
     return view.cast("B") if view.c_contiguous else memoryview(view.tobytes())
 
 

@@ -12,6 +12,7 @@ import inspect
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from ._handlers import adapter_for, stream_item_type
 
@@ -78,10 +79,15 @@ def describe_handler(handler: Handler) -> MethodInfo:
     for param in handler.params:
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
-        properties[param.name] = _schema(param.annotation, defs)
+        schema = properties[param.name] = _schema(param.annotation, defs)
         default = handler.signature.parameters[param.name].default
         if default is inspect.Parameter.empty:
             required.append(param.name)
+        else:
+            try:
+                schema["default"] = to_jsonable_python(default)
+            except PydanticSerializationError:
+                pass  # a default with no JSON form is simply not shown
     params: dict[str, Any] = {"type": "object", "properties": properties, "required": required}
     if defs:
         params["$defs"] = defs
