@@ -99,3 +99,16 @@ def test_ping_echo_example() -> None:
     assert lines[:3] == ["ping -> PONG", "echo('ECHO:hi') -> REPLY:hi", "echo('hi') -> RECEIVED:hi"]
     assert "burst: 100/100 concurrent calls answered correctly" in lines
     assert any(line.startswith("timeout: [DEADLINE_EXCEEDED]") for line in lines)
+
+
+def test_readme_example_runs(tmp_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "readme_example.py"
+    script.write_text(code)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "1", "2"]
+    assert done.stderr == ""
