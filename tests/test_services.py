@@ -294,3 +294,20 @@ async def test_stub_options_apply_to_every_call(stub_pair: tuple[ucxrpc.Client, 
     with pytest.raises(TypeError, match="needs a Service subclass"):
         client.stub(int)  # type: ignore[type-var]
     assert "echo.v1" in repr(hurried)
+
+
+def test_typing_typeddict_before_312_is_named() -> None:
+    import sys
+    import typing
+
+    class Plain(typing.TypedDict):
+        a: int
+
+    async def handler(value: Plain) -> None: ...
+
+    handler.__annotations__ = {"value": Plain, "return": None}
+    if sys.version_info >= (3, 12):
+        ucxrpc.Server().add_handler(handler)
+    else:
+        with pytest.raises(TypeError, match=r"cannot validate .*typing_extensions\.TypedDict"):
+            ucxrpc.Server().add_handler(handler)

@@ -31,7 +31,13 @@ if TYPE_CHECKING:
     from .client import Client
     from .config import Config
     from .context import CallContext, Metadata, current_call, current_deadline, time_remaining
-    from .interceptors import Interceptor, LoggingInterceptor, MetricsInterceptor, TokenAuth
+    from .interceptors import (
+        Interceptor,
+        LoggingInterceptor,
+        MetricsInterceptor,
+        Proceed,
+        TokenAuth,
+    )
     from .manager import Manager, run
     from .reflection import MethodInfo, ServerDescription
     from .server import Server
@@ -55,6 +61,7 @@ __all__ = [
     "MethodNotFound",
     "MetricsInterceptor",
     "Priority",
+    "Proceed",
     "ProtocolError",
     "RemoteError",
     "ResourceExhausted",
@@ -88,6 +95,7 @@ _LAZY = {
     "MethodInfo": ".reflection",
     "MetricsInterceptor": ".interceptors",
     "Priority": "._handlers",
+    "Proceed": ".interceptors",
     "Server": ".server",
     "ServerDescription": ".reflection",
     "Service": ".service",

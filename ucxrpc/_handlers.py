@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import ConfigDict, PydanticSchemaGenerationError, TypeAdapter, ValidationError
+from pydantic import (
+    ConfigDict,
+    PydanticSchemaGenerationError,
+    PydanticUserError,
+    TypeAdapter,
+    ValidationError,
+)
 
 from .errors import InvalidArgument
 
@@ -55,9 +61,12 @@ def adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
     if annotation in (inspect.Parameter.empty, Any):
         return None
     try:
-        return TypeAdapter(annotation)
-    except PydanticSchemaGenerationError:
-        return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
+        try:
+            return TypeAdapter(annotation)
+        except PydanticSchemaGenerationError:
+            return TypeAdapter(annotation, config=ConfigDict(arbitrary_types_allowed=True))
+    except PydanticUserError as exc:  # e.g. typing.TypedDict before Python 3.12
+        raise TypeError(f"cannot validate {annotation!r}: {exc.message}") from None
 
 
 def describe_validation_error(name: str, exc: ValidationError) -> str:

@@ -313,7 +313,11 @@ class Client:
             ConnectionLost: The connection was lost while the call was pending.
             RpcError: The server answered with an error (see :mod:`ucxrpc.errors`).
         """
-        return await self._call(method, args, kwargs, timeout, priority, metadata)
+        if self._interceptors:
+            return await self._call(method, args, kwargs, timeout, priority, metadata)
+        return await self._send_call(
+            method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)
+        )
 
     async def call_with_metadata(
         self,
@@ -475,7 +479,9 @@ class Client:
         """Call a streaming method: ``async for item in client.stream("count", 10)``.
 
         The request is sent when iteration starts. The deadline covers the whole
-        stream; leaving the loop early cancels the generator on the server.
+        stream. Leaving ``async for x in client.stream(...)`` early cancels the
+        generator on the server; a stream kept in a variable must be closed
+        (``await s.aclose()`` or ``async with client.stream(...) as s``).
 
         Args:
             method: The method name.

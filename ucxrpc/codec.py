@@ -468,16 +468,40 @@ def decode_payload(
         raise ProtocolError(f"frame announced {len(header.parts)} parts, {len(parts)} given")
     if header.flags & _PAYLOAD_OOB:
         payload, parts = parts[-1], parts[:-1]
+    ext_hook: _ExtHook | None
+    if parts:
+        ext_hook = _ExtHook(parts, array_hook)
+    else:
+        # The common case: no parts. Reuse one hook per array_hook (no allocation).
+        ext_hook = _NO_PART_HOOKS.get(array_hook)
+        if ext_hook is None:
+            ext_hook = _NO_PART_HOOKS[array_hook] = _ExtHook((), array_hook)
+    try:
+        return _unpackb(payload, ext_hook=ext_hook, use_list=True, strict_map_key=False)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed payload: {exc}") from None
 
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == EXT_PART and len(data) == 1 and data[0] < len(parts):
-            return parts[data[0]]
+
+class _ExtHook:
+    """Resolves extension values: parts by index, arrays through ``array_hook``."""
+
+    __slots__ = ("array_hook", "parts")
+
+    def __init__(self, parts: Sequence[Any], array_hook: Callable[[ArrayData], Any] | None) -> None:
+        self.parts = parts
+        self.array_hook = array_hook
+
+    def __call__(self, code: int, data: bytes) -> Any:
+        if code == EXT_PART and len(data) == 1 and data[0] < len(self.parts):
+            return self.parts[data[0]]
         if code == EXT_ARRAY:
-            return _decode_array(data)
+            return self._array(data)
         raise ProtocolError(f"bad extension value (code {code})")
 
-    def _decode_array(data: bytes) -> Any:
-        fields = _unpackb(data, ext_hook=ext_hook, use_list=True)
+    def _array(self, data: bytes) -> Any:
+        fields = _unpackb(data, ext_hook=self, use_list=True)
         if (
             type(fields) is not list
             or len(fields) != 3
@@ -488,19 +512,15 @@ def decode_payload(
         ):
             raise ProtocolError("malformed array value")
         array = ArrayData(fields[0], fields[1], fields[2])
-        if array_hook is None:
+        if self.array_hook is None:
             return array
         try:
-            return array_hook(array)
+            return self.array_hook(array)
         except (TypeError, ValueError) as exc:
             raise ProtocolError(f"malformed array value: {exc}") from None
 
-    try:
-        return msgpack.unpackb(payload, ext_hook=ext_hook, use_list=True, strict_map_key=False)
-    except ProtocolError:
-        raise
-    except Exception as exc:
-        raise ProtocolError(f"malformed payload: {exc}") from None
+
+_NO_PART_HOOKS: dict[Callable[[ArrayData], Any] | None, _ExtHook] = {}
 
 
 def encode_control(message: dict[str, Any]) -> bytes:

@@ -65,7 +65,6 @@ class CallContext:
     def __init__(
         self,
         method: str,
-        *,
         kind: CallKind = "unary",
         side: Literal["server", "client"] = "server",
         metadata: Metadata | None = None,

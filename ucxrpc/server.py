@@ -384,13 +384,14 @@ class Server:
                 cap = loop.time() + handler.timeout
                 deadline = cap if deadline is None else min(deadline, cap)
             priority = header.priority if header.priority is not None else handler.priority
-            ctx = CallContext(
+            ctx = CallContext(  # positional: this runs for every call
                 header.method,
-                kind="stream" if handler.is_stream else ("unary" if reply else "notify"),
-                metadata=header.metadata,
-                deadline=deadline,
-                priority=priority,
-                peer=conn.peer,
+                "stream" if handler.is_stream else ("unary" if reply else "notify"),
+                "server",
+                header.metadata,
+                deadline,
+                priority,
+                conn.peer,
             )
             enter(ctx)
             if not self._limiter.try_acquire():
@@ -398,13 +399,13 @@ class Server:
             acquired = True
             if deadline is not None and deadline <= loop.time():
                 raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
-            proceed = functools.partial(
-                self._proceed, conn, handler, header, payload, parts, deadline
-            )
             if self._interceptors:
+                proceed = functools.partial(
+                    self._proceed, conn, handler, header, payload, parts, deadline
+                )
                 result = await run_chain(self._interceptors, ctx, proceed)
             else:
-                result = await proceed()
+                result = await self._proceed(conn, handler, header, payload, parts, deadline)
             if reply:
                 end = Kind.END if handler.is_stream else Kind.REPLY
                 conn.reply(call_id, end, result, ctx.response_metadata or None)
@@ -440,6 +441,8 @@ class Server:
         decoded = codec.decode_payload(header, payload, parts, array_hook=from_array)
         args, kwargs = handler.bind(*_split_args(decoded))
         if deadline is None:
+            if handler.is_async:  # the common case, without another coroutine layer
+                return await handler.func(*args, **kwargs)
             return await self._execute(conn, header.call_id, handler, args, kwargs)
         try:
             async with asyncio.timeout_at(deadline):
@@ -457,10 +460,16 @@ class Server:
         args: list[Any],
         kwargs: dict[str, Any],
     ) -> Any:
+        if handler.is_async:
+            return await handler.func(*args, **kwargs)
         if handler.is_stream:
             await self._stream(conn, call_id, handler, args, kwargs)
             return None
-        return await self._invoke(handler, args, kwargs)
+        assert self._manager is not None
+        loop = asyncio.get_running_loop()
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, handler.func, *args, **kwargs)
+        return await loop.run_in_executor(self._manager.executor, call)
 
     async def _stream(
         self,
@@ -483,15 +492,6 @@ class Server:
         finally:
             conn.credits.pop(call_id, None)
             await agen.aclose()
-
-    async def _invoke(self, handler: Handler, args: list[Any], kwargs: dict[str, Any]) -> Any:
-        if handler.is_async:
-            return await handler.func(*args, **kwargs)
-        assert self._manager is not None
-        loop = asyncio.get_running_loop()
-        ctx = contextvars.copy_context()
-        call = functools.partial(ctx.run, handler.func, *args, **kwargs)
-        return await loop.run_in_executor(self._manager.executor, call)
 
 
 def _is_stream(func: Any) -> bool:

@@ -191,9 +191,12 @@ class StreamCall:
 class Stream(AsyncIterator[T], Generic[T]):
     """The results of a streaming call: ``async for item in client.stream(...)``.
 
-    The request is sent on the first iteration (or on ``async with``). Leaving the
-    loop early, cancelling the consuming task, or :meth:`aclose` cancels the
-    generator on the server. The call's deadline covers the whole stream.
+    The request is sent on the first iteration (or on ``async with``). The generator
+    on the server is cancelled by :meth:`aclose`, by leaving ``async with``, by
+    cancelling the consuming task, or when the stream is dropped unfinished: leaving
+    ``async for item in client.stream(...)`` early drops it at once, but a stream kept
+    in a variable stays open until it is closed or garbage collected, so close it (or
+    use ``async with``). The call's deadline covers the whole stream.
 
     Attributes:
         method: The method name.
