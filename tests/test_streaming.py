@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -264,3 +265,16 @@ async def test_server_killed_mid_stream_fails_the_stream_promptly(spawn: Any) ->
         assert time.perf_counter() - t0 < 2.0
         assert client.pending == 0
         await client.close()
+
+
+async def test_aclosing_a_stream_kept_in_a_variable(streaming: Streaming) -> None:
+    server, client, producer = streaming
+    stream = client.stream("forever", 0.001)
+    async with contextlib.aclosing(stream):
+        async for i in stream:
+            if i == 2:
+                break
+        # Still referenced here: the generator runs until the stream is closed.
+        assert not producer.ended.done()
+    assert await asyncio.wait_for(producer.ended, 5) in ("cancelled", "closed")
+    await until(lambda: server.inflight == 0 and client.pending == 0)

@@ -13,7 +13,8 @@ HEADER = """
 from __future__ import annotations
 
 from abc import abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 
 from pydantic import BaseModel
 
@@ -38,6 +39,10 @@ class EchoApi(ucxrpc.Service, name="echo.v1"):
     @abstractmethod
     def count(self, n: int) -> AsyncIterator[int]: ...
 
+    @ucxrpc.rpc
+    @abstractmethod
+    def ticks(self) -> AsyncGenerator[float, None]: ...  # closable with aclosing()
+
 
 class EchoImpl(EchoApi):
     async def shout(self, req: EchoRequest) -> EchoReply:
@@ -46,6 +51,10 @@ class EchoImpl(EchoApi):
     async def count(self, n: int) -> AsyncIterator[int]:
         for i in range(n):
             yield i
+
+    async def ticks(self) -> AsyncGenerator[float, None]:
+        while True:
+            yield 1.0
 """
 
 GOOD = """
@@ -57,6 +66,10 @@ async def use(client: ucxrpc.Client, server: ucxrpc.Server) -> str:
     total = 0
     async for n in reveal_type(stub.count(3)):
         total += n
+    async with aclosing(stub.ticks()) as ticks:
+        async for tick in ticks:
+            total += int(tick)
+            break
     return reply.text + str(total)
 """
 
