@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--windows", default="8,64,512")
     parser.add_argument("--out", default="bench-results/stream.json")
-    args = parser.parse_args()
+    args, _ = parser.parse_known_args()  # ./dev bench passes the echo benchmark's options too
     if args.role == "server":
         serve()
         return
