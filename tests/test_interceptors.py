@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from conftest import until
 
 import ucxrpc
 from ucxrpc.context import CallContext
@@ -147,6 +148,12 @@ async def test_a_client_interceptor_can_answer_without_the_network(
 
 async def test_token_auth(manager: ucxrpc.Manager) -> None:
     server = make_server(interceptors=[ucxrpc.TokenAuth("s3cret", exempt=["ucxrpc.describe"])])
+    notes: list[str] = []
+
+    @server.rpc
+    async def note(text: str) -> None:
+        notes.append(text)
+
     await server.start(manager)
     good = await manager.connect(
         "127.0.0.1", server.port, interceptors=[ucxrpc.TokenAuth("s3cret")]
@@ -157,6 +164,11 @@ async def test_token_auth(manager: ucxrpc.Manager) -> None:
     none = await manager.connect("127.0.0.1", server.port)
     assert await good.call("echo", "in") == "in"
     assert [x async for x in good.stream("count", 2)] == [0, 1]
+    await good.notify("note", "with the token")
+    await none.notify("note", "without")
+    await good.notify("note", "again")
+    await until(lambda: len(notes) >= 2)
+    assert notes == ["with the token", "again"]  # the one without a token was refused
     for client in (wrong, none):
         with pytest.raises(ucxrpc.Unauthenticated, match="'echo' needs a valid bearer token"):
             await client.call("echo", "in")

@@ -457,14 +457,34 @@ class Client:
     ) -> None:
         """Send a one-way call: the server runs ``method`` and sends no reply.
 
+        Client interceptors run around the send (``ctx.kind == "notify"``).
+
         Raises:
             ConnectionLost: The connection is closed.
         """
+        if not self._interceptors:
+            self._send_notify(method, args, kwargs, priority, _check_metadata(metadata))
+            return
+        ctx = self._context("notify", method, args, kwargs, None, priority, metadata)
+
+        async def final() -> None:
+            md = _check_metadata(ctx.metadata)
+            self._send_notify(ctx.method, ctx.args, ctx.kwargs, ctx.priority, md)
+
+        await run_chain(self._interceptors, ctx, final)
+
+    def _send_notify(
+        self,
+        method: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        priority: int | None,
+        metadata: Metadata | None,
+    ) -> None:
         if self._lost is not None:
             raise self._lost
         call_id = next(self._ids) & codec.MAX_CALL_ID
-        md = _check_metadata(metadata)
-        encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None, md)
+        encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None, metadata)
         self.link.send(call_id, encoded)
 
     def stream(
