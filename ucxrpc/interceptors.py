@@ -22,6 +22,7 @@ import hmac
 import logging
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,6 +37,7 @@ __all__ = [
     "MethodMetrics",
     "MetricsInterceptor",
     "Proceed",
+    "TimedInterceptor",
     "TokenAuth",
     "run_chain",
     "status_of",
@@ -93,7 +95,29 @@ def status_of(exc: BaseException | None) -> StatusCode:
     return StatusCode.UNKNOWN
 
 
-class LoggingInterceptor:
+class TimedInterceptor(ABC):
+    """Base of interceptors that look at each call once it has finished.
+
+    Subclasses implement :meth:`finished`; the base runs the call and measures it.
+    """
+
+    async def __call__(self, ctx: CallContext, proceed: Proceed) -> Any:
+        start = time.perf_counter()
+        error: BaseException | None = None
+        try:
+            return await proceed()
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.finished(ctx, time.perf_counter() - start, status_of(error))
+
+    @abstractmethod
+    def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        """Called once per call, with its duration and the status it ended with."""
+
+
+class LoggingInterceptor(TimedInterceptor):
     """Logs each call: side, kind, method, peer, status and duration.
 
     Successful calls log at ``level``; failed ones at WARNING.
@@ -107,27 +131,17 @@ class LoggingInterceptor:
         self.logger = logger or logging.getLogger("ucxrpc.calls")
         self.level = level
 
-    async def __call__(self, ctx: CallContext, proceed: Proceed) -> Any:
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await proceed()
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            elapsed_ms = (time.perf_counter() - start) * 1e3
-            status = status_of(error)
-            self.logger.log(
-                self.level if error is None else logging.WARNING,
-                "%s %s %s peer=%s -> %s in %.3f ms",
-                ctx.side,
-                ctx.kind,
-                ctx.method,
-                ctx.peer or "-",
-                status.name,
-                elapsed_ms,
-            )
+    def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        self.logger.log(
+            self.level if status is StatusCode.OK else logging.WARNING,
+            "%s %s %s peer=%s -> %s in %.3f ms",
+            ctx.side,
+            ctx.kind,
+            ctx.method,
+            ctx.peer or "-",
+            status.name,
+            seconds * 1e3,
+        )
 
 
 @dataclass
@@ -186,7 +200,7 @@ class MethodMetrics:
         }
 
 
-class MetricsInterceptor:
+class MetricsInterceptor(TimedInterceptor):
     """Counts calls, errors by status and a latency histogram, per method.
 
     Args:
@@ -201,16 +215,8 @@ class MetricsInterceptor:
         self._methods: dict[str, MethodMetrics] = {}
         self._lock = threading.Lock()
 
-    async def __call__(self, ctx: CallContext, proceed: Proceed) -> Any:
-        start = time.perf_counter()
-        error: BaseException | None = None
-        try:
-            return await proceed()
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.record(ctx.method, time.perf_counter() - start, status_of(error))
+    def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        self.record(ctx.method, seconds, status)
 
     def record(self, method: str, seconds: float, status: StatusCode) -> None:
         """Add one finished call of ``method``."""
