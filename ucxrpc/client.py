@@ -211,6 +211,16 @@ class Client:
         """Calls awaiting their reply (streams included)."""
         return len(self._pending) + len(self._streams)
 
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent to the server over UCX (frames and data parts)."""
+        return 0 if self.link is None else self.link.bytes_sent
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received from the server over UCX (frames and data parts)."""
+        return 0 if self.link is None else self.link.bytes_received
+
     def add_interceptor(self, interceptor: Interceptor) -> None:
         """Add a client interceptor (innermost of those added so far)."""
         self._interceptors.append(interceptor)
@@ -342,6 +352,7 @@ class Client:
         timeout: float | None,
         priority: int | None,
         metadata: Mapping[str, str | bytes] | None,
+        idempotent: bool = False,
     ) -> CallContext:
         return CallContext(
             method,
@@ -353,6 +364,7 @@ class Client:
             peer=self.peer,
             args=args,
             kwargs=kwargs,
+            idempotent=idempotent,
         )
 
     async def _call(
@@ -363,9 +375,12 @@ class Client:
         timeout: float | None,
         priority: int | None,
         metadata: Mapping[str, str | bytes] | None,
+        idempotent: bool = False,
     ) -> Any:
         if self._interceptors:
-            ctx = self._context("unary", method, args, kwargs, timeout, priority, metadata)
+            ctx = self._context(
+                "unary", method, args, kwargs, timeout, priority, metadata, idempotent
+            )
             return await self._run(ctx)
         return await self._send_call(
             method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)

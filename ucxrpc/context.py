@@ -47,11 +47,14 @@ class CallContext:
         args: The call's positional arguments (client side; on the server they are
             validated after the interceptors run).
         kwargs: The call's keyword arguments (client side).
+        idempotent: The method may safely be retried (client side: set by typed stubs
+            from ``@rpc(idempotent=True)``; read by :class:`~ucxrpc.Retry`).
     """
 
     __slots__ = (
         "args",
         "deadline",
+        "idempotent",
         "kind",
         "kwargs",
         "metadata",
@@ -73,6 +76,7 @@ class CallContext:
         peer: str = "",
         args: tuple[Any, ...] = (),
         kwargs: dict[str, Any] | None = None,
+        idempotent: bool = False,
     ) -> None:
         self.method = method
         self.kind: CallKind = kind
@@ -84,6 +88,7 @@ class CallContext:
         self.peer = peer
         self.args = args
         self.kwargs: dict[str, Any] = {} if kwargs is None else kwargs
+        self.idempotent = idempotent
 
     def time_remaining(self) -> float | None:
         """Seconds left until the deadline (at least 0), or None without a deadline."""

@@ -70,6 +70,7 @@ class Server:
     ) -> None:
         self._handlers: dict[str, Handler] = {}
         self._interceptors: list[Interceptor] = list(interceptors)
+        self._gone_bytes = [0, 0]  # sent, received by connections already closed
         self._add_builtin_methods()
         self._limiter = PriorityLimiter(max_concurrency)
         self._manager: Manager | None = None
@@ -249,6 +250,21 @@ class Server:
     def address(self) -> str:
         """``host:port`` the server listens on (after :meth:`start`)."""
         return f"{self._host}:{self._port}"
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes sent to clients over UCX (frames and data parts), since creation."""
+        return self._gone_bytes[0] + sum(c.link.bytes_sent for c in self._conns)
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes received from clients over UCX (frames and data parts), since creation."""
+        return self._gone_bytes[1] + sum(c.link.bytes_received for c in self._conns)
+
+    @property
+    def connections(self) -> int:
+        """Client connections currently open."""
+        return len(self._conns)
 
     @property
     def inflight(self) -> int:
@@ -735,5 +751,7 @@ class _ServerConn:
         self.writer.close()
         if self.link is not None:
             self.link.closed = True
+            self.server._gone_bytes[0] += self.link.bytes_sent
+            self.server._gone_bytes[1] += self.link.bytes_received
             self.manager.unregister(self.link.local_id)
             await self.manager.close_endpoint(self.link.ep)

@@ -266,9 +266,10 @@ def _bind(
         return open_stream
 
     check = result_validator("result", decl.result_type)
+    idempotent = decl.options.idempotent
 
     async def call(*args: Any, **kwargs: Any) -> Any:
-        value = await client._call(wire, args, kwargs, timeout, priority, metadata)
+        value = await client._call(wire, args, kwargs, timeout, priority, metadata, idempotent)
         return value if check is None else check(value)
 
     call.__name__ = decl.attr
