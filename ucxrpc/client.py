@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
-from ._control import auth_proof, check_version, read_message, tune_socket, write_message
+from ._control import initiate, read_message, write_message
 from ._handlers import Priority
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
@@ -22,10 +21,8 @@ from .errors import (
     InvalidArgument,
     ProtocolError,
     RpcError,
-    Unauthenticated,
     Unavailable,
     error_from_payload,
-    error_from_status,
 )
 from .interceptors import Interceptor, run_chain
 from .reflection import DESCRIBE_METHOD, ServerDescription
@@ -132,38 +129,11 @@ class Client:
         cfg = manager.config
         reader, writer = await asyncio.open_connection(host, port)
         self._reader, self._writer = reader, writer
-        tune_socket(writer)
-        first = await read_message(reader)
-        if first is None:
-            raise Unavailable(f"{host}:{port} closed the connection during the handshake")
-        check_version(first)
         self._local_id = manager.register(self)
-        nonce = os.urandom(16)
-        hello: dict[str, Any] = {
-            "v": codec.VERSION,
-            "addr": manager.worker_address,
-            "cid": self._local_id,
-            "slot": self._slot_size,
-            "max": cfg.max_message_size,
-            "win": self._window,
-            "nonce": nonce,
-        }
-        token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
-        challenge = first.get("challenge")
-        if token is not None and isinstance(challenge, bytes):
-            hello["proof"] = auth_proof(token, challenge, b"client")
-        write_message(writer, hello)
-        welcome = await read_message(reader)
-        if welcome is None:
-            raise Unavailable(f"{host}:{port} closed the connection during the handshake")
-        if "error" in welcome:
-            raise error_from_status(int(welcome["error"]), str(welcome.get("message", "")))
-        check_version(welcome)
-        if token is not None and welcome.get("proof") != auth_proof(token, nonce, b"server"):
-            raise Unauthenticated(f"{host}:{port} did not prove it knows the auth token")
-        addr, cid, peer_max = welcome.get("addr"), welcome.get("cid"), welcome.get("max")
-        if not isinstance(addr, bytes) or type(cid) is not int or type(peer_max) is not int:
-            raise ProtocolError("malformed welcome from the server")
+        extra = {"slot": self._slot_size, "win": self._window}
+        addr, cid, peer_max = await initiate(
+            reader, writer, cfg, manager.worker_address, self._local_id, extra, f"{host}:{port}"
+        )
         ep = manager.endpoint_to(addr)
         max_size = min(cfg.max_message_size, peer_max)
         self.link = Link(manager.engine, ep, self._local_id, cid, 0, max_size, self._fail)

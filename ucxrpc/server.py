@@ -5,16 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import hmac
 import inspect
 import logging
-import os
 import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec
-from ._control import auth_proof, check_version, read_message, tune_socket, write_message
+from ._control import answer, refuse, serve_control
 from ._handlers import Handler, Priority, make_handler
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
@@ -28,7 +26,6 @@ from .errors import (
     RemoteError,
     ResourceExhausted,
     RpcError,
-    Unauthenticated,
     Unavailable,
     error_payload,
 )
@@ -330,44 +327,22 @@ class Server:
     ) -> None:
         assert self._manager is not None
         manager = self._manager
-        cfg = manager.config
         conn: _ServerConn | None = None
-        tune_socket(writer)
-        try:
-            challenge = os.urandom(16)
-            write_message(writer, {"v": codec.VERSION, "challenge": challenge})
-            hello = await asyncio.wait_for(read_message(reader), cfg.connect_timeout)
-            if hello is None:
-                return
-            check_version(hello)
-            token = cfg.auth_token.get_secret_value() if cfg.auth_token else None
-            if token is not None:
-                proof = hello.get("proof")
-                expected = auth_proof(token, challenge, b"client")
-                if not isinstance(proof, bytes) or not hmac.compare_digest(proof, expected):
-                    raise Unauthenticated("bad or missing auth token")
+
+        def open_conn(hello: dict[str, Any]) -> int:
+            nonlocal conn
             if self._draining:
                 raise Unavailable("the server is shutting down")
             conn = _ServerConn(self, manager, writer)
             conn.open(hello)
             self._conns.add(conn)
-            welcome: dict[str, Any] = {
-                "v": codec.VERSION,
-                "addr": manager.worker_address,
-                "cid": conn.link.local_id,
-                "max": cfg.max_message_size,
-            }
-            if token is not None and isinstance(hello.get("nonce"), bytes):
-                welcome["proof"] = auth_proof(token, hello["nonce"], b"server")
-            write_message(writer, welcome)
-            await writer.drain()
-            while True:
-                msg = await read_message(reader)
-                if msg is None or msg.get("t") == "bye":
-                    break
+            return conn.link.local_id
+
+        try:
+            if await answer(reader, writer, manager.config, manager.worker_address, open_conn):
+                await serve_control(reader, writer)
         except RpcError as exc:
-            if not writer.is_closing():
-                write_message(writer, {"error": int(exc.code), "message": exc.message})
+            refuse(writer, exc)
         except (TimeoutError, ConnectionError):
             pass
         finally:
