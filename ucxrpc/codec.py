@@ -116,6 +116,9 @@ class Kind(enum.IntEnum):
     END = 8
     #: The consumer of a stream grants the producer more items (payload: a count).
     CREDIT = 9
+    #: A raw tagged message of the messaging layer (call id = the user's tag;
+    #: payload: the bytes).
+    MESSAGE = 10
 
 
 class Flags(enum.IntFlag):
