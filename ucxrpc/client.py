@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
@@ -25,6 +26,7 @@ from .errors import (
     error_from_payload,
 )
 from .interceptors import Interceptor, run_chain
+from .liveness import KeepAlive, Reconnect
 from .reflection import DESCRIBE_METHOD, ServerDescription
 from .service import Service, make_stub
 from .stream import Stream, StreamCall
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from .manager import Manager
 
 __all__ = ["Client"]
+
+log = logging.getLogger("ucxrpc.client")
 
 S = TypeVar("S", bound=Service)
 T = TypeVar("T")
@@ -74,7 +78,13 @@ class Client:
     matches to it by tag. Use ``async with client:`` to close it when done.
     """
 
-    def __init__(self, manager: Manager, interceptors: Sequence[Interceptor] = ()) -> None:
+    def __init__(
+        self,
+        manager: Manager,
+        interceptors: Sequence[Interceptor] = (),
+        keepalive: KeepAlive | None = None,
+        reconnect: Reconnect | None = None,
+    ) -> None:
         self._manager = manager
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, _Call] = {}
@@ -88,9 +98,18 @@ class Client:
         self._gate = PriorityLimiter(cfg.max_inflight)
         self.link: Link = None  # type: ignore[assignment]  # set by connect()
         self._writer: asyncio.StreamWriter | None = None
-        self._watcher: asyncio.Task[None] | None = None
         self._lost: RpcError | None = None
         self._local_id = 0
+        self._keepalive = keepalive
+        self._reconnect = reconnect
+        self._tasks: set[asyncio.Task[None]] = set()  # watcher, heartbeat, reconnection
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._host, self._port = "", 0
+        self._pong = asyncio.Event()
+        self._ep_open = False
+        #: Successful reconnections so far.
+        self.reconnects = 0
         self.peer = ""
 
     # -- connection -----------------------------------------------------------------------------
@@ -104,10 +123,19 @@ class Client:
         *,
         timeout: float | None = None,
         interceptors: Sequence[Interceptor] = (),
+        keepalive: KeepAlive | None = None,
+        reconnect: Reconnect | None = None,
     ) -> Client:
         """Connect to the server at ``host:port`` (see :meth:`Manager.connect`)."""
-        self = cls(manager, interceptors)
-        limit = manager.config.connect_timeout if timeout is None else timeout
+        self = cls(manager, interceptors, keepalive, reconnect)
+        self._host, self._port, self.peer = host, port, f"{host}:{port}"
+        await self._establish(timeout)
+        return self
+
+    async def _establish(self, timeout: float | None = None) -> None:
+        """Set up the connection (again); on failure leave nothing registered."""
+        host, port = self._host, self._port
+        limit = self._manager.config.connect_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
                 await self._handshake(host, port)
@@ -120,9 +148,17 @@ class Client:
         except BaseException:
             await self._abort()
             raise
-        self.peer = f"{host}:{port}"
-        self._watcher = self._loop.create_task(self._watch(self._reader))
-        return self
+        self._lost = None
+        self._spawn(self._watch(self._reader))
+        if self._keepalive is not None:
+            assert self._writer is not None
+            self._spawn(self._heartbeat(self._writer, self._keepalive))
+        self._connected.set()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _handshake(self, host: str, port: int) -> None:
         manager = self._manager
@@ -135,17 +171,93 @@ class Client:
             reader, writer, cfg, manager.worker_address, self._local_id, extra, f"{host}:{port}"
         )
         ep = manager.endpoint_to(addr)
+        self._ep_open = True
         max_size = min(cfg.max_message_size, peer_max)
-        self.link = Link(manager.engine, ep, self._local_id, cid, 0, max_size, self._fail)
+        self.link = Link(manager.engine, ep, self._local_id, cid, 0, max_size, self._lose)
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
         # The control stream ends when the server's process dies or it closes us.
         try:
-            while await read_message(reader) is not None:
-                pass
+            while (msg := await read_message(reader)) is not None:
+                if msg.get("t") == "pong":
+                    self._pong.set()
         except (RpcError, OSError):
             pass
-        self._fail(ConnectionLost(f"connection to {self.peer} lost"))
+        self._lose(ConnectionLost(f"connection to {self.peer} lost"))
+
+    async def _heartbeat(self, writer: asyncio.StreamWriter, keepalive: KeepAlive) -> None:
+        beat = 0
+        while not writer.is_closing():
+            await asyncio.sleep(keepalive.interval)
+            beat += 1
+            self._pong.clear()
+            try:
+                write_message(writer, {"t": "ping", "n": beat})
+                async with asyncio.timeout(keepalive.timeout):
+                    await self._pong.wait()
+            except TimeoutError:
+                self._lose(
+                    ConnectionLost(
+                        f"{self.peer} did not answer a heartbeat within {keepalive.timeout} s"
+                    )
+                )
+                return
+            except (OSError, RuntimeError):
+                return  # the stream is closing; the watcher reports the loss
+
+    def _lose(self, exc: RpcError) -> None:
+        """The connection is gone: fail what is pending and, if asked, reconnect."""
+        if self._lost is not None:
+            return
+        self._connected.clear()
+        self._fail(exc)
+        writer = self._writer
+        if writer is not None and not writer.is_closing():
+            writer.close()
+        if self._closing:
+            return
+        if self._reconnect is None:
+            return  # close() releases the endpoint
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.link is not None and self._ep_open:
+            self._ep_open = False  # the new connection gets a new endpoint
+            self._spawn(self._manager.close_endpoint(self.link.ep))
+        self._spawn(self._reconnect_loop(self._reconnect))
+
+    async def _reconnect_loop(self, policy: Reconnect) -> None:
+        attempt = 0
+        while not self._closing:
+            attempt += 1
+            if policy.attempts is not None and attempt > policy.attempts:
+                log.warning(
+                    "giving up reconnecting to %s after %d attempts", self.peer, attempt - 1
+                )
+                return
+            await asyncio.sleep(policy.delay(attempt))
+            try:
+                await self._establish()
+            except RpcError as exc:
+                log.info("reconnecting to %s failed (attempt %d): %s", self.peer, attempt, exc)
+                continue
+            self.reconnects += 1
+            log.info("reconnected to %s after %d attempts", self.peer, attempt)
+            return
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until the connection is up (after a loss, until it has reconnected).
+
+        Raises:
+            Unavailable: Not connected within ``timeout``, or the client is closed.
+        """
+        if self._closing:
+            raise Unavailable(f"the client of {self.peer} is closed")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._connected.wait()
+        except TimeoutError:
+            raise Unavailable(f"not connected to {self.peer} within {timeout} s") from None
 
     def _fail(self, exc: RpcError) -> None:
         """Fail every pending call with ``exc`` and mark the connection unusable."""
@@ -197,26 +309,31 @@ class Client:
 
     async def close(self) -> None:
         """Close the connection; calls still pending fail with :class:`Cancelled`."""
-        if self._writer is None:
+        if self._closing:
             return
+        self._closing = True
+        self._connected.clear()
         self._fail(Cancelled("the client was closed"))
         writer, self._writer = self._writer, None
-        try:
-            write_message(writer, {"t": "bye"})
-        except (OSError, RuntimeError):
-            pass
-        writer.close()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        if writer is not None and not writer.is_closing():
             try:
-                await self._watcher
-            except asyncio.CancelledError:
+                write_message(writer, {"t": "bye"})
+            except (OSError, RuntimeError):
                 pass
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
-        await self._manager.close_endpoint(self.link.ep)
+            writer.close()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        if writer is not None:
+            try:
+                await writer.wait_closed()
+            except OSError:
+                pass
+        if self.link is not None and self._ep_open:
+            self._ep_open = False
+            await self._manager.close_endpoint(self.link.ep)
         self._manager._forget_client(self)
 
     async def __aenter__(self) -> Client:

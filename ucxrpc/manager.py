@@ -20,6 +20,7 @@ from .errors import ResourceExhausted, RpcError, Unavailable
 if TYPE_CHECKING:
     from .client import Client
     from .interceptors import Interceptor
+    from .liveness import KeepAlive, Reconnect
     from .server import Server
 
 __all__ = ["Config", "Manager", "run"]
@@ -235,6 +236,8 @@ class Manager:
         *,
         timeout: float | None = None,
         interceptors: Sequence[Interceptor] = (),
+        keepalive: KeepAlive | None = None,
+        reconnect: Reconnect | None = None,
     ) -> Client:
         """Connect to a ucxrpc server.
 
@@ -244,6 +247,10 @@ class Manager:
             timeout: Seconds to wait for the connection (default ``config.connect_timeout``).
             interceptors: Client interceptors, outermost first (see
                 :mod:`ucxrpc.interceptors`).
+            keepalive: Heartbeats that notice a silent server (see
+                :mod:`ucxrpc.liveness`); None: only a closed connection is noticed.
+            reconnect: Set the connection up again after it is lost; calls made
+                meanwhile fail at once with :class:`~ucxrpc.Unavailable`.
 
         Returns:
             A connected :class:`~ucxrpc.Client`.
@@ -255,7 +262,15 @@ class Manager:
         from .client import Client
 
         await self.start()
-        client = await Client.connect(self, host, port, timeout=timeout, interceptors=interceptors)
+        client = await Client.connect(
+            self,
+            host,
+            port,
+            timeout=timeout,
+            interceptors=interceptors,
+            keepalive=keepalive,
+            reconnect=reconnect,
+        )
         self._clients.add(client)
         return client
 

@@ -33,7 +33,8 @@ async def ticks(period: float) -> AsyncIterator[int]:
 
 async def main() -> None:
     async with ucxrpc.Manager() as manager:
-        await server.start(manager, "127.0.0.1", 0)
+        port = int(sys.argv[1]) if len(sys.argv) > 1 else 0
+        await server.start(manager, "127.0.0.1", port)
         print(f"READY {server.port}", flush=True)
         await server.serve_forever()
 
