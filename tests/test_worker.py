@@ -218,3 +218,46 @@ async def test_connect_errors_are_unavailable() -> None:
         with pytest.raises(ucxrpc.Unavailable, match=r"cannot connect to 127\.0\.0\.1:1"):
             await worker.connect("127.0.0.1", 1)
         assert worker.endpoint_ids() == []
+
+
+async def test_rpc_and_messaging_endpoints_refuse_each_other_clearly(
+    manager: ucxrpc.Manager,
+) -> None:
+    worker = Worker(manager=manager)
+    port = await worker.listen()
+    with pytest.raises(ucxrpc.MethodNotFound, match=r"messaging endpoint .* Worker\.connect"):
+        await manager.connect("127.0.0.1", port)
+    server = ucxrpc.Server()
+    await server.start(manager)
+    with pytest.raises(ucxrpc.MethodNotFound, match=r"RPC server: connect with manager\.connect"):
+        await worker.connect("127.0.0.1", server.port)
+    assert worker.endpoint_ids() == [] and server.connections == 0
+    await worker.close_all()
+    await server.stop()
+
+
+async def test_a_killed_peer_process_fails_receivers_promptly(spawn: Any, tmp_path: Any) -> None:
+    script = tmp_path / "peer.py"
+    script.write_text(
+        "import asyncio, ucxrpc\n"
+        "from ucxrpc.transport import Worker\n"
+        "async def main():\n"
+        "    async with Worker() as w:\n"
+        "        print('READY', await w.listen(), flush=True)\n"
+        "        await asyncio.Event().wait()\n"
+        "ucxrpc.run(main())\n"
+    )
+    proc = spawn(str(script))
+    (port,) = proc.read_ready()
+    async with Worker() as worker:
+        ep = await worker.connect("127.0.0.1", int(port))
+        waiting = asyncio.create_task(worker.recv_tag(ep, 5))
+        await until(lambda: any(worker._inbox._waiters.values()))
+        t0 = time.perf_counter()
+        proc.kill()
+        with pytest.raises(ucxrpc.ConnectionLost):
+            await asyncio.wait_for(waiting, 5)
+        assert time.perf_counter() - t0 < 2.0
+        assert not worker.is_connected(ep)
+        with pytest.raises(ucxrpc.InvalidArgument, match="no endpoint"):
+            await worker.send_tag(ep, 5, b"x")

@@ -529,6 +529,10 @@ class _ServerConn:
         self._tracebacks = cfg.expose_tracebacks
 
     def open(self, hello: dict[str, Any]) -> None:
+        if hello.get("role") == "messages":
+            raise MethodNotFound(
+                "this is an RPC server: connect with manager.connect(), not Worker.connect()"
+            )
         addr, cid, slot = hello.get("addr"), hello.get("cid"), hello.get("slot")
         if (
             not isinstance(addr, bytes)

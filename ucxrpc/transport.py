@@ -32,6 +32,7 @@ from .errors import (
     ConnectionLost,
     DeadlineExceeded,
     InvalidArgument,
+    MethodNotFound,
     ProtocolError,
     ResourceExhausted,
     RpcError,
@@ -451,6 +452,11 @@ class Worker:
         peer = _Peer(self, label, writer)
 
         def open_conn(hello: dict[str, Any]) -> int:
+            if hello.get("role") != "messages":
+                raise MethodNotFound(
+                    "this is a messaging endpoint (ucxrpc.transport.Worker), not an RPC "
+                    "server: connect with Worker.connect()"
+                )
             addr, cid = hello.get("addr"), hello.get("cid")
             if (
                 not isinstance(addr, bytes)
@@ -492,7 +498,7 @@ class Worker:
                     self.manager.config,
                     self.manager.worker_address,
                     peer.conn_id,
-                    {"slot": 0},
+                    {"role": "messages"},
                     peer.label,
                 )
                 self._attach(peer, addr, cid, peer_max)
