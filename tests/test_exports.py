@@ -6,7 +6,26 @@ import importlib
 
 import ucxrpc
 
-PUBLIC = ["codec", "errors", "manager", "server", "client", "transport", "config", "demo"]
+PUBLIC = [
+    "codec",
+    "errors",
+    "manager",
+    "server",
+    "client",
+    "transport",
+    "config",
+    "demo",
+    "service",
+    "stream",
+    "context",
+    "interceptors",
+    "reflection",
+    "liveness",
+    "pool",
+    "retry",
+    "batch",
+    "metrics",
+]
 
 
 def test_every_public_module_has_all() -> None:

@@ -28,6 +28,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from ._handlers import Priority
+    from .batch import BatchCall, call_many, split_results
     from .client import Client
     from .config import Config
     from .context import CallContext, Metadata, current_call, current_deadline, time_remaining
@@ -38,33 +39,47 @@ if TYPE_CHECKING:
         Proceed,
         TokenAuth,
     )
+    from .liveness import KeepAlive, Reconnect
     from .manager import Manager, run
+    from .metrics import Metrics, MetricsEndpoint, enable_metrics, start_metrics_http
+    from .pool import ClientPool
     from .reflection import MethodInfo, ServerDescription
+    from .retry import Retry, RetryPolicy
     from .server import Server
     from .service import Service, rpc
     from .stream import Stream
+    from .transport import Message, Worker, WorkerConfig, WorkerStats
 
 __all__ = [
+    "BatchCall",
     "CallContext",
     "Cancelled",
     "Client",
+    "ClientPool",
     "Config",
     "ConnectionLost",
     "DeadlineExceeded",
     "Interceptor",
     "InvalidArgument",
     "InvalidReply",
+    "KeepAlive",
     "LoggingInterceptor",
     "Manager",
+    "Message",
     "Metadata",
     "MethodInfo",
     "MethodNotFound",
+    "Metrics",
+    "MetricsEndpoint",
     "MetricsInterceptor",
     "Priority",
     "Proceed",
     "ProtocolError",
+    "Reconnect",
     "RemoteError",
     "ResourceExhausted",
+    "Retry",
+    "RetryPolicy",
     "RpcError",
     "Server",
     "ServerDescription",
@@ -74,37 +89,60 @@ __all__ = [
     "TokenAuth",
     "Unauthenticated",
     "Unavailable",
+    "Worker",
+    "WorkerConfig",
+    "WorkerStats",
     "__version__",
+    "call_many",
     "current_call",
     "current_deadline",
+    "enable_metrics",
     "rpc",
     "run",
+    "split_results",
+    "start_metrics_http",
     "time_remaining",
 ]
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "BatchCall": ".batch",
     "CallContext": ".context",
     "Client": ".client",
+    "ClientPool": ".pool",
     "Config": ".config",
     "Interceptor": ".interceptors",
+    "KeepAlive": ".liveness",
     "LoggingInterceptor": ".interceptors",
     "Manager": ".manager",
+    "Message": ".transport",
     "Metadata": ".context",
     "MethodInfo": ".reflection",
+    "Metrics": ".metrics",
+    "MetricsEndpoint": ".metrics",
     "MetricsInterceptor": ".interceptors",
     "Priority": "._handlers",
     "Proceed": ".interceptors",
+    "Reconnect": ".liveness",
+    "Retry": ".retry",
+    "RetryPolicy": ".retry",
     "Server": ".server",
     "ServerDescription": ".reflection",
     "Service": ".service",
     "Stream": ".stream",
     "TokenAuth": ".interceptors",
+    "Worker": ".transport",
+    "WorkerConfig": ".transport",
+    "WorkerStats": ".transport",
+    "call_many": ".batch",
     "current_call": ".context",
     "current_deadline": ".context",
+    "enable_metrics": ".metrics",
     "rpc": ".service",
     "run": ".manager",
+    "split_results": ".batch",
+    "start_metrics_http": ".metrics",
     "time_remaining": ".context",
 }
 

@@ -738,7 +738,7 @@ class Client:
 
     async def describe(self, *, timeout: float | None = None) -> ServerDescription:
         """The server's methods, kinds, priorities and JSON Schemas (reflection)."""
-        value = await self._call(DESCRIBE_METHOD, (), {}, timeout, None, None)
+        value = await self._call(DESCRIBE_METHOD, (), {}, timeout, None, None, True)
         try:
             return ServerDescription.model_validate(value)
         except ValueError as exc:
