@@ -134,3 +134,21 @@ async def test_a_pool_spreads_a_batch_over_connections(manager: ucxrpc.Manager) 
         assert pool.size == 3
         assert gauge.peak == 3  # one call per borrowed connection
     await server.stop()
+
+
+async def test_send_many_reports_per_message_results_in_order(manager: ucxrpc.Manager) -> None:
+    from ucxrpc.batch import send_many
+    from ucxrpc.transport import Worker
+
+    receiver, sender = Worker(manager=manager), Worker(manager=manager)
+    port = await receiver.listen()
+    ep = await sender.connect("127.0.0.1", port)
+    messages: list[tuple[int, int, bytes]] = [(ep, 1, bytes([i])) for i in range(200)]
+    messages[50] = (999, 1, b"nowhere")  # an unknown endpoint fails only its own slot
+    results = await send_many(sender, messages, concurrency=16)
+    assert isinstance(results[50], ucxrpc.InvalidArgument)
+    assert all(r is None for i, r in enumerate(results) if i != 50)
+    got = [await receiver.recv_tag(1, 1, timeout=5) for _ in range(199)]
+    assert got == [bytes([i]) for i in range(200) if i != 50]
+    await sender.close_all()
+    await receiver.close_all()

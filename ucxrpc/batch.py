@@ -12,13 +12,18 @@ its slot holds the :class:`~ucxrpc.RpcError` it raised, so one bad item costs on
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .errors import DeadlineExceeded, RpcError
 
-__all__ = ["BatchCall", "Caller", "call_many", "split_results"]
+if TYPE_CHECKING:
+    from .transport import Worker
+
+__all__ = ["BatchCall", "Caller", "call_many", "send_many", "split_results"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,34 +93,75 @@ async def call_many(
         return results
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
-    todo = iter(enumerate(batch))
 
-    async def worker() -> None:
-        # Workers share one iterator: each takes the next item as soon as it is free,
-        # so exactly ``concurrency`` calls are in flight while items remain.
-        for index, call in todo:
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                results[index] = DeadlineExceeded(
-                    f"{call.method!r} was not sent: the batch's deadline had passed"
-                )
-                continue
+    async def one(call: BatchCall) -> Any:
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded(f"{call.method!r} was not sent: the batch's deadline had passed")
+        return await client.call(call.method, *call.args, timeout=remaining, **call.kwargs)
+
+    await _bounded(batch, one, results, concurrency)
+    return results
+
+
+async def send_many(
+    worker: Worker,
+    messages: Iterable[tuple[int, int, bytes | bytearray | memoryview | str]],
+    *,
+    concurrency: int = 64,
+) -> list[RpcError | None]:
+    """Send many raw messages (``(endpoint_id, tag, data)``), at most ``concurrency`` at once.
+
+    Returns:
+        One entry per message, in the order given: None when it was sent, or the
+        :class:`~ucxrpc.RpcError` its send raised (an unknown endpoint, a lost
+        connection, ...). One failure does not stop the others.
+
+    Raises:
+        ValueError: ``concurrency`` is below 1.
+    """
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    batch = list(messages)
+    results: list[Any] = [None] * len(batch)
+
+    async def one(message: tuple[int, int, bytes | bytearray | memoryview | str]) -> None:
+        endpoint_id, tag, data = message
+        await worker.send_tag(endpoint_id, tag, data)
+
+    await _bounded(batch, one, results, concurrency)
+    return results
+
+
+async def _bounded(
+    items: Sequence[T],
+    run: Callable[[T], Awaitable[Any]],
+    results: list[Any],
+    concurrency: int,
+) -> None:
+    """Run ``run`` on every item, ``concurrency`` at a time, storing results or errors."""
+    if not items:
+        return
+    todo = iter(enumerate(items))
+
+    async def lane() -> None:
+        # Lanes share one iterator: each takes the next item as soon as it is free,
+        # so exactly ``concurrency`` operations are in flight while items remain.
+        for index, item in todo:
             try:
-                results[index] = await client.call(
-                    call.method, *call.args, timeout=remaining, **call.kwargs
-                )
+                results[index] = await run(item)
             except RpcError as exc:
                 results[index] = exc
 
-    workers = [loop.create_task(worker()) for _ in range(min(concurrency, len(batch)))]
+    loop = asyncio.get_running_loop()
+    lanes = [loop.create_task(lane()) for _ in range(min(concurrency, len(items)))]
     try:
-        await asyncio.gather(*workers)
+        await asyncio.gather(*lanes)
     except BaseException:
-        for task in workers:
+        for task in lanes:
             task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await asyncio.gather(*lanes, return_exceptions=True)
         raise
-    return results
 
 
 def split_results(results: Iterable[Any]) -> tuple[dict[int, Any], dict[int, RpcError]]:
