@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+
+from ._cli_common import CliError, console, fail, jsonable, run_command
 
 __all__ = ["app", "main"]
 
@@ -17,7 +19,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
 
 
 @app.callback()
@@ -33,15 +34,13 @@ def demo(
     ] = "blocking",
 ) -> None:
     """Serve the ping/echo service and call it from a client, in one process on loopback."""
+    from . import RpcError, run
     from .demo import run_demo, summarize
-    from .errors import RpcError
-    from .manager import run
 
     try:
         report = run(run_demo(pings=pings, progress_mode=progress_mode))
     except (RpcError, ValueError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(1) from None
+        fail(str(exc))
     table = Table(title="ping/echo service on 127.0.0.1")
     table.add_column("call")
     table.add_column("reply")
@@ -58,6 +57,159 @@ def demo(
         f"in {report.burst_ms:.1f} ms"
     )
     console.print(f"call with a 0.1 s timeout to a 2 s handler: {report.timeout_outcome}")
+
+
+@app.command()
+def serve(
+    target: Annotated[str, typer.Argument(metavar="MODULE:ATTR", help="a Server, or a factory")],
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="0 picks a free port")] = 0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="serve Prometheus metrics over HTTP on this port"),
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="progress mode: blocking, polling or efficient")
+    ] = "blocking",
+    grace: Annotated[
+        float, typer.Option(min=0, help="seconds to let calls in flight finish on shutdown")
+    ] = 5.0,
+) -> None:
+    """Serve a ucxrpc.Server object (like uvicorn) until SIGINT or SIGTERM."""
+    from ._cli_serve import serve as run_server
+
+    run_command(
+        run_server(target, host=host, port=port, metrics_port=metrics_port, mode=mode, grace=grace)
+    )
+
+
+@app.command()
+def call(
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    method: Annotated[str, typer.Argument(metavar="METHOD", help="the method name")],
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            metavar="[ARG]...",
+            help="positional arguments: JSON if they parse as JSON, else strings",
+        ),
+    ] = None,
+    json_args: Annotated[
+        str | None,
+        typer.Option(
+            "--json", help="keyword arguments as a JSON object (or positional ones as an array)"
+        ),
+    ] = None,
+    timeout: Annotated[float | None, typer.Option(min=0, help="deadline in seconds")] = None,
+    priority: Annotated[str | None, typer.Option(help="high, normal, low or an integer")] = None,
+    metadata: Annotated[
+        list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable")
+    ] = None,
+) -> None:
+    """Call a method and print its result as JSON (a stream: one item per line)."""
+    from ._cli_call import call as run_call
+
+    run_command(
+        run_call(
+            address,
+            method,
+            args or [],
+            json_text=json_args,
+            timeout=timeout,
+            priority=priority,
+            metadata=metadata or [],
+        )
+    )
+
+
+@app.command("list")
+def list_(
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    schemas: Annotated[bool, typer.Option(help="also print each method's JSON Schemas")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the server's description as JSON")
+    ] = False,
+    timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the answer")] = 10.0,
+) -> None:
+    """List the methods a server serves, with their parameters and result types."""
+    from ._cli_call import list_methods
+
+    run_command(list_methods(address, schemas=schemas, as_json=as_json, timeout=timeout))
+
+
+@app.command()
+def bench(
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    method: Annotated[
+        str | None,
+        typer.Option(help="method to call (default: ping-like, or bytes echo with --size)"),
+    ] = None,
+    size: Annotated[
+        int | None, typer.Option(min=0, help="send one bytes argument of this many bytes")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, max=10_000, help="concurrent callers")] = 16,
+    duration: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds to run")] = 5.0,
+    timeout: Annotated[float, typer.Option(min=0, help="deadline of each call (s)")] = 10.0,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="write the numbers to this file")
+    ] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="write a latency histogram (PNG) to this file")
+    ] = None,
+) -> None:
+    """Measure calls/s and latency percentiles of a method on a running server."""
+    from ._cli_bench import bench as run_bench
+    from ._cli_bench import check_outputs, print_result, write_json, write_plot
+
+    try:
+        check_outputs(json_file, plot)  # before the run, not after it
+    except CliError as exc:
+        fail(str(exc))
+    result = run_command(
+        run_bench(
+            address,
+            method=method,
+            size=size,
+            concurrency=concurrency,
+            duration=duration,
+            timeout=timeout,
+        )
+    )
+    print_result(result)
+    try:
+        if json_file is not None:
+            write_json(result, json_file)
+        if plot is not None:
+            write_plot(result, plot)
+    except CliError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot write {exc.filename}: {exc.strerror or exc}")
+
+
+@app.command()
+def shell(address: Annotated[str, typer.Argument(metavar="HOST:PORT")]) -> None:
+    """Interactive tag messaging (ucxrpc.transport): connect, send, receive, broadcast."""
+    from ._cli_shell import run_shell
+
+    run_command(run_shell(address))
+
+
+@app.command()
+def info(
+    as_json: Annotated[bool, typer.Option("--json", help="print machine-readable JSON")] = False,
+) -> None:
+    """Versions, UCX transports and devices, and the effective configuration."""
+    from ._cli_info import collect, print_info
+
+    try:
+        data = collect()
+    except CliError as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(data=jsonable(data))
+    else:
+        print_info(data)
 
 
 def main() -> None:
