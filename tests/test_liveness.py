@@ -114,3 +114,28 @@ def test_policies_validate_and_compute_delays() -> None:
         Reconnect(attempts=0)
     with pytest.raises(ValueError):
         KeepAlive(interval=0)
+
+
+async def test_each_failed_call_gets_its_own_error(spawn: Any) -> None:
+    proc = spawn("serve.py")
+    (port,) = proc.read_ready()
+    async with ucxrpc.Manager() as manager:
+        client = await manager.connect("127.0.0.1", int(port))
+        proc.kill()
+        await until(lambda: client.closed)
+        errors = []
+        for _ in range(3):
+            with pytest.raises(ucxrpc.ConnectionLost) as info:
+                await client.call("ping")
+            errors.append(info.value)
+        # Fresh instances: a shared one would pile every traceback onto itself.
+        assert len({id(e) for e in errors}) == 3
+        assert all(len(list(_frames(e))) < 10 for e in errors)
+        await client.close()
+
+
+def _frames(exc: BaseException) -> Any:
+    tb = exc.__traceback__
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next

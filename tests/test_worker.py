@@ -199,7 +199,7 @@ async def test_a_peer_going_away_fails_its_receivers(pair: Pair) -> None:
         await asyncio.wait_for(waiting, 5)
     assert not client.is_connected(cli_ep)
     assert not server.is_connected(srv_ep)
-    assert server.stats().errors == 1  # the lost connection
+    assert server.stats().errors == 0  # a disconnect is a clean close, not an error
 
 
 async def test_a_worker_owns_its_manager_when_given_none() -> None:
@@ -259,5 +259,13 @@ async def test_a_killed_peer_process_fails_receivers_promptly(spawn: Any, tmp_pa
             await asyncio.wait_for(waiting, 5)
         assert time.perf_counter() - t0 < 2.0
         assert not worker.is_connected(ep)
+        assert worker.stats().errors == 1  # a lost connection is
         with pytest.raises(ucxrpc.InvalidArgument, match="no endpoint"):
             await worker.send_tag(ep, 5, b"x")
+
+
+async def test_a_clean_close_is_not_an_error(pair: Pair) -> None:
+    server, client, srv_ep, _ = pair
+    await client.close_all()
+    await until(lambda: not server.is_connected(srv_ep))
+    assert server.stats().errors == 0 and client.stats().errors == 0

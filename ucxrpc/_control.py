@@ -123,12 +123,18 @@ async def answer(
     return True
 
 
-async def serve_control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """After the handshake: answer heartbeats until the peer says bye or goes away."""
+async def serve_control(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """After the handshake: answer heartbeats until the peer says bye or goes away.
+
+    Returns:
+        True when the peer said bye (a clean close), False when the stream ended.
+    """
     while True:
         msg = await read_message(reader)
-        if msg is None or msg.get("t") == "bye":
-            return
+        if msg is None:
+            return False
+        if msg.get("t") == "bye":
+            return True
         if msg.get("t") == "ping":
             write_message(writer, {"t": "pong", "n": msg.get("n")})
 

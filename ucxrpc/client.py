@@ -259,6 +259,18 @@ class Client:
         except TimeoutError:
             raise Unavailable(f"not connected to {self.peer} within {timeout} s") from None
 
+    def _lost_error(self) -> RpcError:
+        """A fresh copy of the error the connection was lost with.
+
+        Raising the one stored instance again and again would chain every failed call's
+        traceback (and the frames it holds) onto it while a server is down.
+        """
+        lost = self._lost
+        assert lost is not None
+        if type(lost) is RpcError:
+            return RpcError(lost.code, lost.message, lost.details)
+        return type(lost)(lost.message, lost.details)  # type: ignore[arg-type]
+
     def _fail(self, exc: RpcError) -> None:
         """Fail every pending call with ``exc`` and mark the connection unusable."""
         if self._lost is not None:
@@ -512,12 +524,12 @@ class Client:
         ctx: CallContext | None = None,
     ) -> Any:
         if self._lost is not None:
-            raise self._lost
+            raise self._lost_error()
         loop = self._loop
         await self._admit(method, deadline, priority)
         try:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_error()
             call_id = next(self._ids) & codec.MAX_CALL_ID
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             encoded = self._encode(
@@ -584,7 +596,7 @@ class Client:
         metadata: Metadata | None,
     ) -> None:
         if self._lost is not None:
-            raise self._lost
+            raise self._lost_error()
         call_id = next(self._ids) & codec.MAX_CALL_ID
         encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None, metadata)
         self.link.send(call_id, encoded)
@@ -663,7 +675,7 @@ class Client:
 
     async def _send_stream(self, ctx: CallContext) -> StreamCall:
         if self._lost is not None:
-            raise self._lost
+            raise self._lost_error()
         method, deadline = ctx.method, ctx.deadline
         await self._admit(method, deadline, ctx.priority)
         loop = self._loop
@@ -671,7 +683,7 @@ class Client:
         self._streams[call.call_id] = call  # from here on, _end_stream releases the gate
         try:
             if self._lost is not None:
-                raise self._lost
+                raise self._lost_error()
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             encoded = self._encode(
                 Kind.STREAM,

@@ -83,7 +83,11 @@ class Manager:
             self._worker.init_blocking_progress_mode()
         except Exception as exc:
             self._ctx = self._worker = None
-            raise Unavailable(f"cannot initialise UCX: {exc}") from None
+            opts = ", ".join(f"UCX_{k}={v}" for k, v in cfg.ucx_options.items()) or "none"
+            raise Unavailable(
+                f"cannot initialise UCX: {exc} (ucx_options: {opts}; `ucxrpc info` or "
+                "`ucx_info -c` lists the valid ones)"
+            ) from None
         self._engine = Engine(
             self._worker,
             loop,

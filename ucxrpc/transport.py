@@ -467,15 +467,16 @@ class Worker:
             self._attach(peer, addr, cid, hello.get("max"))
             return peer.conn_id
 
+        clean = False
         try:
             if await answer(reader, writer, manager.config, manager.worker_address, open_conn):
-                await serve_control(reader, writer)
+                clean = await serve_control(reader, writer)
         except RpcError as exc:
             refuse(writer, exc)
         except (TimeoutError, ConnectionError):
             pass
         finally:
-            await self._detach(peer, lost=True)
+            await self._detach(peer, lost=not clean)
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None) -> int:
         """Connect to a listening worker. Returns the new endpoint's id.
@@ -538,12 +539,15 @@ class Worker:
         self._peers[peer.id] = peer
 
     async def _watch(self, peer: _Peer, reader: asyncio.StreamReader) -> None:
+        clean = False
         try:
-            while await read_message(reader) is not None:
-                pass
+            while (msg := await read_message(reader)) is not None:
+                if msg.get("t") == "bye":
+                    clean = True
+                    break
         except (RpcError, OSError):
             pass
-        await self._detach(peer, lost=True)
+        await self._detach(peer, lost=not clean)
 
     def _send_failed(self, peer: _Peer, exc: RpcError) -> None:
         self._errors += 1
