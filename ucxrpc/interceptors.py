@@ -175,18 +175,25 @@ class MethodMetrics:
             self.errors[status.name] = self.errors.get(status.name, 0) + 1
 
     def quantile(self, q: float) -> float:
-        """Estimate the ``q`` quantile (0..1) of the latency: the bound of its bucket."""
+        """Estimate the ``q`` quantile (0..1) of the latency, in seconds.
+
+        Like Prometheus' ``histogram_quantile``: the quantile's bucket is found and
+        the value interpolated linearly within it. A quantile in the unbounded last
+        bucket is reported as the largest finite bound.
+        """
         if not 0 <= q <= 1:
             raise ValueError("q must be between 0 and 1")
         if self.calls == 0:
             return 0.0
         rank = q * self.calls
         seen = 0
-        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+        lower = 0.0
+        for bound, count in zip(self.buckets, self.counts, strict=False):
+            if count and seen + count >= rank:
+                return lower + (bound - lower) * max(rank - seen, 0.0) / count
             seen += count
-            if seen >= rank and count:
-                return bound
-        return float("inf")
+            lower = bound
+        return lower
 
     def as_dict(self) -> dict[str, Any]:
         """A plain-data view (JSON-serialisable except the infinite last bound)."""

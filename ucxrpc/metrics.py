@@ -71,23 +71,10 @@ def _prometheus_client() -> Any:
 def estimate_quantile(metrics: MethodMetrics, q: float) -> float:
     """Estimate the ``q`` quantile (0..1) of a latency histogram, in seconds.
 
-    Like Prometheus' ``histogram_quantile``: the quantile's bucket is found, and its
-    value interpolated linearly between the bucket's bounds. A quantile falling in
-    the unbounded last bucket is reported as the largest finite bound.
+    The same estimate as :meth:`MethodMetrics.quantile` (Prometheus'
+    ``histogram_quantile``: linear interpolation within the quantile's bucket).
     """
-    if not 0 <= q <= 1:
-        raise ValueError("q must be between 0 and 1")
-    if metrics.calls == 0:
-        return 0.0
-    rank = q * metrics.calls
-    seen = 0
-    lower = 0.0
-    for bound, count in zip(metrics.buckets, metrics.counts, strict=False):
-        if count and seen + count >= rank:
-            return lower + (bound - lower) * max(rank - seen, 0.0) / count
-        seen += count
-        lower = bound
-    return lower
+    return metrics.quantile(q)
 
 
 class Metrics(TimedInterceptor):

@@ -97,14 +97,11 @@ class StreamCall:
             return
         entry: list[Any] = [False, kind, None, header.metadata]
         self.items.append(entry)
-        if header.parts:
-            link.recv_parts(
-                self.call_id,
-                header.parts,
-                lambda exc, parts: self._ready(entry, header, payload, parts, exc),
-            )
-        else:
-            self._ready(entry, header, payload, [], None)
+        link.then_parts(
+            self.call_id,
+            header.parts,
+            lambda exc, parts: self._ready(entry, header, payload, parts, exc),
+        )
 
     def _ready(
         self,

@@ -172,6 +172,13 @@ class Link:
         for i, buf in enumerate(bufs, 1):
             self.engine.recv(buf, codec.data_tag(self.local_id, call_id, i), one_done)
 
+    def then_parts(self, call_id: int, sizes: tuple[int, ...], cb: PartsCallback) -> None:
+        """Receive the data parts a frame announced, if any, then call ``cb(exc, parts)``."""
+        if sizes:
+            self.recv_parts(call_id, sizes, cb)
+        else:
+            cb(None, [])
+
     def drain_parts(self, call_id: int, count: int) -> None:
         """Consume and discard ``count`` data parts of a frame nobody waits for."""
         for i in range(1, count + 1):
@@ -333,14 +340,9 @@ class _Peer:
         link.bytes_received += len(buf)
         entry: list[Any] = [False, tag, b""]
         self._arrivals.append(entry)
-        if header.parts:
-            link.recv_parts(
-                tag,
-                header.parts,
-                lambda exc, parts: self._ready(entry, header, payload, parts, exc),
-            )
-        else:
-            self._ready(entry, header, payload, [], None)
+        link.then_parts(
+            tag, header.parts, lambda exc, parts: self._ready(entry, header, payload, parts, exc)
+        )
 
     def _ready(
         self,
