@@ -378,3 +378,17 @@ def test_shell_connects_again_and_ends_at_end_of_input(raw_echo: str) -> None:
 def test_shell_cannot_connect() -> None:
     line = one_error_line(ucxrpc("shell", f"127.0.0.1:{free_port()}", stdin=""))
     assert "cannot connect" in line
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("call",), "Missing argument 'HOST:PORT'"),
+        (("call", "127.0.0.1:1", "ping", "--timeout", "abc"), "Invalid value for '--timeout'"),
+        (("nope",), "No such command 'nope'"),
+    ],
+)
+def test_usage_mistakes_print_one_line(args: tuple[str, ...], expected: str) -> None:
+    out = ucxrpc(*args)
+    assert out.returncode == 2
+    assert expected in one_error_line(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -213,8 +214,25 @@ def info(
 
 
 def main() -> None:
-    """Entry point of the ``ucxrpc`` command."""
-    app()
+    """Entry point of the ``ucxrpc`` command.
+
+    Usage mistakes (a missing argument, ``--timeout abc``) print one line, like every
+    other user mistake, instead of a usage box.
+    """
+    try:
+        code = app(standalone_mode=False)
+    except Exception as exc:
+        # typer's (vendored) click usage errors: duck-typed, to stay off private modules.
+        message = getattr(exc, "format_message", None)
+        exit_code = getattr(exc, "exit_code", None)
+        if message is None or not isinstance(exit_code, int):
+            raise
+        text = message()
+        if text:
+            print(f"error: {text} (see 'ucxrpc --help')", file=sys.stderr)
+        raise SystemExit(exit_code) from None
+    if isinstance(code, int) and code:
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":
