@@ -40,7 +40,7 @@ if TYPE_CHECKING:
         TokenAuth,
     )
     from .liveness import KeepAlive, Reconnect
-    from .manager import Manager, run
+    from .manager import Manager, run, ucx_info
     from .metrics import Metrics, MetricsEndpoint, enable_metrics, start_metrics_http
     from .pool import ClientPool
     from .reflection import MethodInfo, ServerDescription
@@ -102,6 +102,7 @@ __all__ = [
     "split_results",
     "start_metrics_http",
     "time_remaining",
+    "ucx_info",
 ]
 
 __version__ = "0.1.0"
@@ -144,6 +145,7 @@ _LAZY = {
     "split_results": ".batch",
     "start_metrics_http": ".metrics",
     "time_remaining": ".context",
+    "ucx_info": ".manager",
 }
 
 

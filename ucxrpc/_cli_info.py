@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import os
 import platform
-import re
 from importlib import metadata
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
-from . import Config, __version__
+from . import Config, __version__, ucx_info
 from ._cli_common import console, load_config
 
 __all__ = ["collect", "print_info"]
 
 # Lines of ucp_context_print_info like "#      resource 2  :  md 1  dev 2  flags -- tcp/lo".
-_RESOURCE = re.compile(r"^#\s*resource\s+\d+\s*:.*--\s*(\S+)/(\S+)\s*$", re.MULTILINE)
 
 
 def _distribution_version(*names: str) -> str | None:
@@ -27,30 +25,6 @@ def _distribution_version(*names: str) -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _ucx(config: Config) -> dict[str, Any]:
-    """UCX's version, and the transports and devices a context with ``config`` sees."""
-    from . import _ucx
-
-    out: dict[str, Any] = {"version": _ucx.ucx_version()}
-    lib = _ucx.lib
-    try:
-        ctx = lib.UCXContext(dict(config.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
-    except Exception as exc:  # a bad UCX_* setting: report it, the rest is still useful
-        out["error"] = str(exc)
-        return out
-    transports: dict[str, list[str]] = {}
-    for tl, dev in _RESOURCE.findall(str(ctx.info)):
-        devices = transports.setdefault(tl, [])
-        if dev not in devices:
-            devices.append(dev)
-    out["transports"] = transports
-    ucx_config: dict[str, str] = dict(ctx.config)
-    shown = {"TLS", "NET_DEVICES", *config.ucx_options}
-    shown |= {k[4:] for k in os.environ if k.startswith("UCX_")}
-    out["options"] = {k: ucx_config[k] for k in sorted(shown) if k in ucx_config}
-    return out
 
 
 def _config(config: Config) -> dict[str, dict[str, Any]]:
@@ -80,7 +54,7 @@ def collect() -> dict[str, Any]:
         "ucxrpc": __version__,
         "python": platform.python_version(),
         "ucxx": _distribution_version("ucxx-cu12", "ucxx-cu13", "ucxx"),
-        "ucx": _ucx(config),
+        "ucx": ucx_info(config),
         "config": _config(config),
     }
 

@@ -6,14 +6,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import random
+import re
 from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import codec
 from ._engine import Engine, Op
-from ._ucx import lib
+from ._ucx import lib, ucx_version
 from .config import Config
 from .errors import ResourceExhausted, RpcError, Unavailable
 
@@ -23,7 +25,7 @@ if TYPE_CHECKING:
     from .liveness import KeepAlive, Reconnect
     from .server import Server
 
-__all__ = ["Config", "Manager", "run"]
+__all__ = ["Config", "Manager", "run", "ucx_info"]
 
 log = logging.getLogger("ucxrpc")
 T = TypeVar("T")
@@ -314,3 +316,39 @@ def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
         return asyncio.run(main, debug=debug)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop, debug=debug) as runner:
         return runner.run(main)
+
+
+_RESOURCE = re.compile(r"^#\s*resource\s+\d+\s*:.*--\s*(\S+)/(\S+)\s*$", re.MULTILINE)
+
+
+def ucx_info(config: Config | None = None) -> dict[str, Any]:
+    """UCX's version, and the transports and devices a UCX context sees.
+
+    Args:
+        config: Whose ``ucx_options`` to apply (default: ``Config()``, which reads
+            ``UCXRPC_*`` variables).
+
+    Returns:
+        ``{"version": ..., "transports": {name: [devices]}, "options": {...}}``: the
+        UCX settings in effect for ``TLS``, ``NET_DEVICES``, the given options and any
+        ``UCX_*`` environment variables; ``{"version": ..., "error": ...}`` when UCX
+        refuses the options.
+    """
+    config = config or Config()
+    out: dict[str, Any] = {"version": ucx_version()}
+    try:
+        ctx = lib.UCXContext(dict(config.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
+    except Exception as exc:  # a bad UCX_* setting: report it, the rest is still useful
+        out["error"] = str(exc)
+        return out
+    transports: dict[str, list[str]] = {}
+    for tl, dev in _RESOURCE.findall(str(ctx.info)):
+        devices = transports.setdefault(tl, [])
+        if dev not in devices:
+            devices.append(dev)
+    out["transports"] = transports
+    ucx_config: dict[str, str] = dict(ctx.config)
+    shown = {"TLS", "NET_DEVICES", *config.ucx_options}
+    shown |= {k[4:] for k in os.environ if k.startswith("UCX_")}
+    out["options"] = {k: ucx_config[k] for k in sorted(shown) if k in ucx_config}
+    return out
