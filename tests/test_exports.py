@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 import ucxrpc
 
@@ -44,3 +45,12 @@ def test_package_exports_resolve() -> None:
         "error_from_payload",
         "error_payload",
     } <= set(ucxrpc.__all__)
+
+
+def test_every_example_is_run_by_a_test() -> None:
+    root = Path(__file__).parent.parent
+    tests = "".join(p.read_text() for p in (root / "tests").glob("test_*.py"))
+    for example in sorted((root / "examples").glob("*.py")):
+        assert f'"{example.name}"' in tests or f"examples/{example.name}" in tests, (
+            f"no test runs examples/{example.name}"
+        )
