@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,17 @@ async def until(predicate: Any, timeout: float = 10.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():  # noqa: ASYNC110 - state owned by UCX callbacks, no event
             await asyncio.sleep(0.001)
+
+
+def match_each(pattern: str, lines: list[str]) -> list[re.Match[str]]:
+    """Match every line against ``pattern``; fail naming the first line that does not."""
+    assert lines, f"no lines to match {pattern!r}"
+    matches = []
+    for line in lines:
+        match = re.fullmatch(pattern, line)
+        assert match is not None, f"{line!r} does not match {pattern!r}"
+        matches.append(match)
+    return matches
 
 
 class Hanging:

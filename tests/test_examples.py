@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import match_each
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
@@ -24,17 +25,6 @@ def run_example(name: str, *, stderr_empty: bool = True) -> tuple[list[str], str
     if stderr_empty:
         assert out.stderr == "", out.stderr
     return out.stdout.splitlines(), out.stderr
-
-
-def match_each(pattern: str, lines: list[str]) -> list[re.Match[str]]:
-    """Match every line against ``pattern``; fail naming the first line that does not."""
-    assert lines, f"no lines to match {pattern!r}"
-    matches = []
-    for line in lines:
-        match = re.fullmatch(pattern, line)
-        assert match is not None, f"{line!r} does not match {pattern!r}"
-        matches.append(match)
-    return matches
 
 
 def test_typed_service() -> None:

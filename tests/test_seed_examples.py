@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import queue
-import re
 import signal
 import socket
 import subprocess
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from conftest import match_each
 
 ROOT = Path(__file__).parent.parent
 EXAMPLES = ROOT / "examples"
@@ -41,17 +41,6 @@ def run_example(name: str, *args: str, returncode: int = 0) -> list[str]:
     assert out.returncode == returncode, out.stdout + out.stderr
     assert out.stderr == "", out.stderr
     return out.stdout.splitlines()
-
-
-def match_each(pattern: str, lines: list[str]) -> list[re.Match[str]]:
-    """Match every line against ``pattern``; fail naming the first line that does not."""
-    assert lines, f"no lines to match {pattern!r}"
-    matches = []
-    for line in lines:
-        match = re.fullmatch(pattern, line)
-        assert match is not None, f"{line!r} does not match {pattern!r}"
-        matches.append(match)
-    return matches
 
 
 def after(lines: list[str], line: str, count: int) -> list[str]:

@@ -14,7 +14,7 @@ from ._handlers import Priority
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
 from .codec import Kind
-from .context import CallContext, CallKind, Metadata, current_call
+from .context import CallContext, CallKind, Metadata, call_deadline
 from .errors import (
     Cancelled,
     ConnectionLost,
@@ -385,11 +385,7 @@ class Client:
 
     def _deadline(self, timeout: float | None) -> float | None:
         """The call's deadline: its own timeout, capped by the handler's it is made from."""
-        deadline = None if timeout is None else self._loop.time() + timeout
-        outer = current_call()
-        if outer is None or outer.deadline is None:
-            return deadline
-        return outer.deadline if deadline is None else min(deadline, outer.deadline)
+        return call_deadline(timeout, self._loop.time())
 
     async def call(
         self,

@@ -129,6 +129,16 @@ def time_remaining() -> float | None:
     return None if ctx is None else ctx.time_remaining()
 
 
+def call_deadline(timeout: float | None, now: float) -> float | None:
+    """The deadline of a call made now with ``timeout``: its own, or the deadline of the
+    call being handled if that is earlier (None: no deadline at all)."""
+    deadline = None if timeout is None else now + timeout
+    outer = _current.get()
+    if outer is None or outer.deadline is None:
+        return deadline
+    return outer.deadline if deadline is None else min(deadline, outer.deadline)
+
+
 def enter(ctx: CallContext) -> None:
     """Make ``ctx`` the current call (in the running task's context)."""
     _current.set(ctx)

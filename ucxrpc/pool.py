@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from .context import current_deadline
+from .context import call_deadline
 from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from .interceptors import Interceptor
 
@@ -177,10 +177,7 @@ class ClientPool:
             RpcError: Whatever :meth:`Client.call <ucxrpc.Client.call>` raises.
         """
         loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        outer = current_deadline()  # inside a handler, the call being handled bounds this one
-        if outer is not None and (deadline is None or outer < deadline):
-            deadline = outer
+        deadline = call_deadline(timeout, loop.time())
         client = await self._acquire(self.acquire_timeout, deadline)
         try:
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
