@@ -351,8 +351,10 @@ def spawn(role: str, impl: str, mode: str, extra: list[str], env: dict[str, str]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def run_pair(impl: str, mode: str, args: argparse.Namespace) -> Any:
+def run_pair(impl: str, mode: str, args: argparse.Namespace, source: str = "") -> Any:
     env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", UCX_NET_DEVICES="lo")
+    if source:  # import ucxrpc from another checkout (a before/after comparison)
+        env["PYTHONPATH"] = source
     if args.tls:
         env["UCX_TLS"] = args.tls
     server = spawn("server", impl, mode, [], env)
@@ -404,6 +406,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer iterations (a smoke run)")
     ap.add_argument("--time-budget", type=float, default=300.0)
     ap.add_argument("--out", default="bench-results/echo.json")
+    ap.add_argument(
+        "--baseline",
+        default="",
+        help="also run ucxrpc (blocking) imported from this checkout, e.g. a git worktree "
+        "of the previous release, for a before/after comparison in one run",
+    )
     args = ap.parse_args()
     if args.quick:
         args.iters, args.warmup, args.thr_seconds, args.bw_iters = 2000, 200, 1.0, 5
@@ -419,6 +427,8 @@ def main() -> None:
     raw = run_pair("raw", "blocking", args)
     rows["raw ucxx (sizes known)"] = raw["fixed"]
     rows["raw ucxx (tag probe)"] = raw["probe"]
+    if args.baseline:
+        rows["ucxrpc blocking (baseline)"] = run_pair("ucxrpc", "blocking", args, args.baseline)
     for mode in args.modes.split(","):
         rows[f"ucxrpc {mode}"] = run_pair("ucxrpc", mode, args)
     ref = rows["raw ucxx (tag probe)"]
@@ -446,6 +456,7 @@ def main() -> None:
         "thr_seconds": args.thr_seconds,
         "bw_iters": args.bw_iters,
         "tls": args.tls or "default",
+        "baseline": args.baseline,
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -238,10 +238,12 @@ async def test_timed_out_and_cancelled_calls_leave_no_posted_receive(served: Ser
     assert manager.posted_receives == 0
     calls = [asyncio.ensure_future(client.call("sleep", 5.0)) for _ in range(20)]
     timed = [client.call("sleep", 5.0, timeout=0.1) for _ in range(20)]
-    await until(lambda: not (manager.posted_receives < 20))
+    # Replies are found by probe: a waiting call posts no receive at all.
+    await until(lambda: server.inflight >= 20)
+    assert manager.posted_receives == 0
     results = await asyncio.gather(*timed, return_exceptions=True)
     assert all(isinstance(r, ucxrpc.DeadlineExceeded) for r in results)
-    assert manager.posted_receives == 20
+    assert client.pending == 20 and manager.posted_receives == 0
     for call in calls:
         call.cancel()
     await asyncio.gather(*calls, return_exceptions=True)

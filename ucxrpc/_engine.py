@@ -3,15 +3,23 @@
 ucxx's own asyncio modes busy-poll a core per process even when idle. This engine owns
 the low-level worker and keeps three promises:
 
-* while traffic flows it polls (``progress()`` on every loop iteration), so a reply is
+* while traffic flows it polls (progress on every loop iteration), so a message is
   seen as soon as it lands;
 * after ``spin`` seconds without an event it arms the worker and sleeps on its epoll fd
   (``arm()`` returning False means events are pending: poll again first);
 * the fd callback only *schedules* a drive; at most one drive is ever queued.
 
-Requests are tracked here (UCX completes them during ``progress()``): each drive reaps
-finished ones and runs their callbacks. Frames of unknown size are found with
-``tag_probe(remove=True)`` and received at their exact size.
+Nothing is received blindly. Every arriving message is found by a probe that reports
+its tag and length and removes it from UCX's queue: frames (tag bit 63 clear) are
+received at once into a buffer of exactly that length, unless longer than
+``codec.MAX_FRAME``; data parts (bit 63 set) are handed to their connection's protocol
+machine, which checks the length against what the part's frame announced before a
+buffer is allocated (:meth:`receive` or :meth:`discard`). So no receive is ever posted
+in advance, and a drive costs what arrived and what completed, not what is in flight.
+
+A drive does a bounded amount of work (``max_probes`` arrivals), then yields to the
+loop, so timers, heartbeats and other tasks run while a peer floods. An exception in a
+drive is logged (once per kind) and the drive is rescheduled: progress never stops.
 """
 
 from __future__ import annotations
@@ -20,21 +28,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from . import codec
 from ._ucx import Array
 from ._ucx import lib as _ucx
 from .errors import ConnectionLost, RpcError, Unavailable
 
-__all__ = ["Engine", "Op", "convert_ucx_error"]
+__all__ = ["Engine", "Op", "Router", "convert_ucx_error"]
 
 log = logging.getLogger("ucxrpc")
 
 Callback = Callable[[BaseException | None], None]
-_FULL_MASK = _ucx.UCXXTagMask((1 << 64) - 1)
 _FRAME_TAG = _ucx.UCXXTag(codec.FRAME_PROBE_TAG)
 _FRAME_MASK = _ucx.UCXXTagMask(codec.FRAME_PROBE_MASK)
+_PART_TAG = _ucx.UCXXTag(codec.PART_PROBE_TAG)
+_PART_MASK = _ucx.UCXXTagMask(codec.PART_PROBE_MASK)
 _Tag = _ucx.UCXXTag
 
 
@@ -50,24 +59,48 @@ def convert_ucx_error(exc: BaseException) -> RpcError:
     return Unavailable(f"UCX: {name}: {exc}")
 
 
+class Router(Protocol):
+    """Where the engine hands what arrives (the manager, which routes by connection)."""
+
+    def on_frame(self, tag: int, buf: bytearray) -> None:
+        """A whole frame arrived on ``tag``."""
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        """A data part of ``length`` bytes waits under ``tag``; ``handle`` receives it
+        (:meth:`Engine.receive`) or throws it away (:meth:`Engine.discard`)."""
+
+    def on_oversized(self, tag: int, length: int) -> None:
+        """A frame longer than ``codec.MAX_FRAME`` arrived (and was thrown away)."""
+
+
 class Op:
-    """A UCX request in flight, with the buffer it uses and its completion callback."""
+    """A UCX request in flight, with the buffer it uses and its completion callback.
 
-    __slots__ = ("buf", "cb", "is_recv", "req")
+    The buffer is referenced until UCX completed the request: UCX may write into a
+    receive buffer (or read a send buffer) until then.
+    """
 
-    def __init__(self, req: Any, cb: Callback | None, buf: Any, is_recv: bool) -> None:
+    __slots__ = ("buf", "cb", "req")
+
+    def __init__(self, req: Any, cb: Callback | None, buf: Any) -> None:
         self.req = req
         self.cb = cb
         self.buf = buf
-        self.is_recv = is_recv
-
-
-FrameHandler = Callable[[int, bytearray], None]
-OversizeHandler = Callable[[int, int], None]
 
 
 class Engine:
-    """Progress engine for one worker. Created and owned by a Manager."""
+    """Progress engine for one worker. Created and owned by a Manager.
+
+    Args:
+        worker: The low-level ucxx worker.
+        loop: The event loop that drives it.
+        mode: ``"blocking"``, ``"polling"`` or ``"efficient"``.
+        spin: Seconds of quiet before sleeping (blocking mode).
+        router: Receives arrived frames and parts.
+        junk_limit: The longest message :meth:`discard` consumes; a longer one is
+            left unreceived (its sender is misbehaving and gets disconnected).
+        max_probes: Arrivals handled per drive before yielding to the loop.
+    """
 
     def __init__(
         self,
@@ -76,30 +109,35 @@ class Engine:
         *,
         mode: str,
         spin: float,
-        max_frame: int,
-        on_frame: FrameHandler,
-        on_oversized: OversizeHandler,
+        router: Router,
+        junk_limit: int,
+        max_probes: int = 256,
     ) -> None:
         self._worker = worker
         self._loop = loop
         self._poll_forever = mode == "polling"
         self._spin = 0.0 if mode == "efficient" else spin
-        self._max_frame = max_frame
-        self._on_frame = on_frame
-        self._on_oversized = on_oversized
+        self._router = router
+        self._junk_limit = junk_limit
+        self._junk = bytearray(0)
+        self._max_probes = max_probes
         self._ops: list[Op] = []
         self._scheduled = False
         self._closed = False
         self._last_event = 0.0
+        self._failures: set[str] = set()
+        self._stranded: list[Any] = []
         self._fd: int = worker.epoll_file_descriptor
-        #: Receives posted and not yet completed or cancelled.
+        #: Receives posted and not yet completed (parts and large frames in transfer).
         self.posted_receives = 0
         #: Drives run (a measure of how busy the engine was).
         self.drives = 0
+        #: Messages consumed and thrown away (strangers' parts, refused parts).
+        self.discarded = 0
         loop.add_reader(self._fd, self.kick)
         self.kick()
 
-    # -- scheduling -----------------------------------------------------------------
+    # -- scheduling -----------------------------------------------------------------------
 
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
@@ -112,35 +150,56 @@ class Engine:
         if self._closed:
             return
         self.drives += 1
-        worker = self._worker
-        worker.progress()
-        active = self._reap() if self._ops else False
-        if self._probe():
-            active = True
+        active = True
+        try:
+            active = self._step()
+        except Exception as exc:  # never let one bad drive stop progress for good
+            self._failed("drive", exc)
         now = time.perf_counter()
         if active:
             self._last_event = now
-        elif not self._poll_forever and now - self._last_event >= self._spin and worker.arm():
-            return  # asleep: the fd wakes us
+        elif not self._poll_forever and now - self._last_event >= self._spin:
+            try:
+                if self._worker.arm():
+                    return  # asleep: the fd wakes us
+            except Exception as exc:
+                self._failed("arm", exc)
         self._scheduled = True
         self._loop.call_soon(self._drive)
 
-    # -- requests ---------------------------------------------------------------------
+    def _step(self) -> bool:
+        worker = self._worker
+        made = False
+        while worker.progress_once():
+            made = True
+        if made and self._ops:
+            self._reap()
+        budget = self._max_probes
+        found = self._probe_frames(budget)
+        if found < budget:
+            found += self._probe_parts(budget - found)
+        # Work left over (the budget ran out) makes the drive count as active.
+        return made or found > 0
 
-    def _reap(self) -> bool:
+    def _failed(self, where: str, exc: BaseException) -> None:
+        kind = f"{where}:{type(exc).__name__}"
+        if kind not in self._failures:
+            self._failures.add(kind)
+            log.error(
+                "ucxrpc: the progress engine recovered from an error in %s", where, exc_info=exc
+            )
+
+    # -- requests -------------------------------------------------------------------------
+
+    def _reap(self) -> None:
         keep: list[Op] = []
         finished: list[Op] = []
         for op in self._ops:
-            req = op.req
-            if req is None:
-                continue
-            (finished if req.completed else keep).append(op)
+            (finished if op.req.completed else keep).append(op)
         if not finished:
-            return False
+            return
         self._ops = keep
         for op in finished:
-            if op.is_recv:
-                self.posted_receives -= 1
             exc: BaseException | None = None
             try:
                 op.req.check_error()
@@ -150,16 +209,39 @@ class Engine:
             cb, op.cb = op.cb, None
             if cb is not None:
                 self._run(cb, exc)
-        return True
 
     def _run(self, cb: Callback, exc: BaseException | None) -> None:
         try:
             cb(exc)
-        except Exception:
-            log.exception("ucxrpc: completion callback failed")
+        except Exception as err:
+            self._failed("callback", err)
 
-    def send(self, ep: Any, buf: Any, tag: int, cb: Callback | None = None) -> Op | None:
-        """Send ``buf`` on ``tag``. Returns None when UCX completed it in place.
+    def _track(self, req: Any, cb: Callback | None, buf: Any, receive: bool) -> Op | None:
+        if req.completed:
+            exc: BaseException | None = None
+            try:
+                req.check_error()
+            except Exception as err:
+                exc = convert_ucx_error(err)
+            if cb is not None:
+                self._run(cb, exc)
+            return None
+        if receive:
+            self.posted_receives += 1
+            inner = cb
+
+            def cb(exc: BaseException | None) -> None:
+                self.posted_receives -= 1
+                if inner is not None:
+                    inner(exc)
+
+        op = Op(req, cb, buf)
+        self._ops.append(op)
+        self.kick()
+        return op
+
+    def send(self, ep: Any, buf: Any, tag: int, cb: Callback | None = None) -> None:
+        """Send ``buf`` (a contiguous buffer) on ``tag``; ``cb`` runs when it has left.
 
         Raises:
             RpcError: The send failed at once (converted from ucxx).
@@ -168,117 +250,119 @@ class Engine:
             req = ep.tag_send(Array(buf), _Tag(tag))
         except Exception as err:
             raise convert_ucx_error(err) from None
-        if req.completed:
-            try:
-                req.check_error()
-            except Exception as err:
-                raise convert_ucx_error(err) from None
-            if cb is not None:
-                cb(None)
-            return None
-        op = Op(req, cb, buf, False)
-        self._ops.append(op)
-        self.kick()
-        return op
+        self._track(req, cb, buf, False)
 
-    def recv(self, buf: Any, tag: int, cb: Callback) -> Op:
-        """Post a receive of ``buf`` for exactly ``tag``; ``cb`` runs on completion."""
+    def receive(self, handle: Any, buf: Any, cb: Callback) -> None:
+        """Receive a probed message (``handle`` from :meth:`Router.on_part`) into ``buf``,
+        which must be exactly as long as the probe reported."""
         try:
-            req = self._worker.tag_recv(Array(buf), _Tag(tag), _FULL_MASK)
+            req = self._worker.tag_recv_with_handle(Array(buf), handle)
         except Exception as err:
-            raise convert_ucx_error(err) from None
-        op = Op(req, cb, buf, True)
-        self.posted_receives += 1
-        self._ops.append(op)
-        self.kick()
-        return op
-
-    def cancel(self, op: Op) -> None:
-        """Cancel a posted eager-sized receive (a reply slot) that has not completed.
-
-        Dropping the request makes ucxx cancel it in UCX; only receives whose message
-        cannot be half-arrived (at most one eager fragment) may be cancelled this way.
-        """
-        if op.req is None:
+            self._run(cb, convert_ucx_error(err))
             return
-        op.cb = None
-        if op.is_recv:
-            self.posted_receives -= 1
-        op.req = None
+        self._track(req, cb, buf, True)
 
-    def drain(self, tag: int) -> None:
-        """Receive and discard one message on ``tag`` (truncating it to one byte)."""
-        self.recv(bytearray(1), tag, _ignore)
+    def discard(self, handle: Any, length: int) -> None:
+        """Consume a probed message and throw it away.
 
-    # -- arrivals ---------------------------------------------------------------------
+        Every discarded message is received into one shared scratch buffer: its bytes
+        are never read, so concurrent receives into it are harmless. A message longer
+        than ``junk_limit`` is left unreceived (kept referenced, never freed, since
+        UCX owns its descriptor).
+        """
+        self.discarded += 1
+        if length > self._junk_limit:
+            self._stranded.append(handle)
+            log.warning("ucxrpc: left a %d-byte message unreceived (over the limit)", length)
+            return
+        if len(self._junk) < length:
+            self._junk = bytearray(length)
+        try:
+            req = self._worker.tag_recv_with_handle(Array(self._junk), handle)
+        except Exception as err:
+            self._failed("discard", err)
+            return
+        self._track(req, None, self._junk, True)
 
-    def _probe(self) -> bool:
+    # -- arrivals -------------------------------------------------------------------------
+
+    def _probe_frames(self, budget: int) -> int:
         worker = self._worker
-        found = False
-        while True:
+        router = self._router
+        found = 0
+        while found < budget:
             probe = worker.tag_probe(_FRAME_TAG, _FRAME_MASK, True)
             if not probe.matched:
-                return found
-            found = True
+                break
+            found += 1
             tag: int = probe.sender_tag.value
             size: int = probe.length
-            if size > self._max_frame:
-                # Receiving into a 1-byte buffer consumes the message (UCX truncates).
-                self._track(
-                    worker.tag_recv_with_handle(Array(junk := bytearray(1)), probe), junk, None
-                )
+            if size > codec.MAX_FRAME:
+                self.discard(probe, size)
                 try:
-                    self._on_oversized(tag, size)
-                except Exception:
-                    log.exception("ucxrpc: oversize handler failed")
+                    router.on_oversized(tag, size)
+                except Exception as err:
+                    self._failed("oversized frame", err)
                 continue
             buf = bytearray(size)
-            req = worker.tag_recv_with_handle(Array(buf), probe)
-            if req.completed:
-                try:
-                    req.check_error()
-                except Exception:
-                    log.warning("ucxrpc: dropped a frame that failed to arrive")
-                    continue
-                try:
-                    self._on_frame(tag, buf)
-                except Exception:
-                    log.exception("ucxrpc: frame handler failed")
-            else:
-                self._track(req, buf, self._frame_done(tag, buf))
+            try:
+                req = worker.tag_recv_with_handle(Array(buf), probe)
+            except Exception as err:
+                self._failed("frame receive", err)
+                continue
+            self._track(req, self._frame_done(tag, buf), buf, True)
+        return found
 
     def _frame_done(self, tag: int, buf: bytearray) -> Callback:
+        router = self._router
+
         def done(exc: BaseException | None) -> None:
             if exc is None:
-                self._on_frame(tag, buf)
+                router.on_frame(tag, buf)
+            else:
+                log.debug("ucxrpc: a frame failed to arrive: %s", exc)
 
         return done
 
-    def _track(self, req: Any, buf: Any, cb: Callback | None) -> None:
-        if req.completed:
-            return
-        self._ops.append(Op(req, cb, buf, False))
+    def _probe_parts(self, budget: int) -> int:
+        worker = self._worker
+        router = self._router
+        found = 0
+        while found < budget:
+            probe = worker.tag_probe(_PART_TAG, _PART_MASK, True)
+            if not probe.matched:
+                break
+            found += 1
+            try:
+                router.on_part(probe.sender_tag.value, probe.length, probe)
+            except Exception as err:
+                self._failed("part", err)
+        return found
 
-    # -- shutdown ---------------------------------------------------------------------
+    # -- shutdown -------------------------------------------------------------------------
 
-    def close(self) -> list[Op]:
-        """Stop driving. Returns the ops still in flight (keep their buffers alive until
-        the worker is destroyed)."""
+    def close(self) -> list[Any]:
+        """Stop driving. Returns what must stay referenced until the worker is gone
+        (requests in flight with their buffers, messages left unreceived)."""
         self._closed = True
         self._loop.remove_reader(self._fd)
         ops, self._ops = self._ops, []
         for op in ops:
             op.cb = None
         self.posted_receives = 0
-        return ops
+        return [*ops, *self._stranded, self._junk]
 
     def progress(self) -> int:
         """Run one progress pass now; returns the number of completions and arrivals."""
-        self._worker.progress()
         before = len(self._ops)
-        self._reap()
-        return max(0, before - len(self._ops)) + int(self._probe())
+        active = self._step()
+        return max(0, before - len(self._ops)) + int(active)
 
+    @property
+    def in_flight(self) -> int:
+        """UCX requests in flight (sends not yet left, receives not yet filled)."""
+        return len(self._ops)
 
-def _ignore(_exc: BaseException | None) -> None:
-    return None
+    def add(self, req: Any, cb: Callback | None) -> None:
+        """Track a request made elsewhere (an endpoint close) until it completes."""
+        self._track(req, cb, None, False)

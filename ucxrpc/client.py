@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import codec
-from ._control import initiate, read_message, write_message
+from ._control import initiate_handshake, read_message, write_message
 from ._handlers import Priority
+from ._link import Link
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
 from .codec import Kind
@@ -27,14 +27,13 @@ from .errors import (
 )
 from .interceptors import Interceptor, run_chain
 from .liveness import KeepAlive, Reconnect
+from .protocol import CallIds
 from .reflection import DESCRIBE_METHOD, ServerDescription
 from .service import Service, make_stub
 from .stream import Stream, StreamCall
-from .transport import Link
 
 if TYPE_CHECKING:
-    from ._engine import Op
-    from .manager import Manager
+    from .runtime import Runtime
 
 __all__ = ["Client"]
 
@@ -47,15 +46,26 @@ T = TypeVar("T")
 class _Call:
     """A call awaiting its reply."""
 
-    __slots__ = ("call_id", "fut", "metadata", "op", "slot", "timer")
+    __slots__ = ("call_id", "fut", "metadata", "timer")
 
-    def __init__(self, call_id: int, fut: asyncio.Future[Any], slot: bytearray) -> None:
+    def __init__(self, call_id: int, fut: asyncio.Future[Any]) -> None:
         self.call_id = call_id
         self.fut = fut
-        self.slot = slot
-        self.op: Op | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.metadata: Metadata | None = None
+
+
+class _Live:
+    """The call ids in use: pending calls and open streams."""
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def __contains__(self, call_id: object) -> bool:
+        c = self.client
+        return call_id in c._pending or call_id in c._streams
 
 
 def _check_metadata(metadata: Mapping[str, Any] | None) -> Metadata | None:
@@ -80,7 +90,7 @@ class Client:
 
     def __init__(
         self,
-        manager: Manager,
+        manager: Runtime,
         interceptors: Sequence[Interceptor] = (),
         keepalive: KeepAlive | None = None,
         reconnect: Reconnect | None = None,
@@ -90,16 +100,16 @@ class Client:
         self._pending: dict[int, _Call] = {}
         self._streams: dict[int, StreamCall] = {}
         self._interceptors: list[Interceptor] = list(interceptors)
-        self._ids = itertools.count(1)
+        self._ids = CallIds(codec.MAX_CALL_ID)
+        self._live = _Live(self)
         cfg = manager.config
         self._slot_size = cfg.reply_slot_size
         self._oob = cfg.oob_threshold
         self._window = cfg.stream_window
         self._gate = PriorityLimiter(cfg.max_inflight)
-        self.link: Link = None  # type: ignore[assignment]  # set by connect()
+        self.link: Link | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._lost: RpcError | None = None
-        self._local_id = 0
         self._keepalive = keepalive
         self._reconnect = reconnect
         self._tasks: set[asyncio.Task[None]] = set()  # watcher, heartbeat, reconnection
@@ -117,7 +127,7 @@ class Client:
     @classmethod
     async def connect(
         cls,
-        manager: Manager,
+        manager: Runtime,
         host: str,
         port: int,
         *,
@@ -130,7 +140,11 @@ class Client:
         self = cls(manager, interceptors, keepalive, reconnect)
         self._host, self._port, self.peer = host, port, f"{host}:{port}"
         await self._establish(timeout)
+        manager.own(self, 0, self._close_for_shutdown)
         return self
+
+    async def _close_for_shutdown(self, _grace: float) -> None:
+        await self.close()
 
     async def _establish(self, timeout: float | None = None) -> None:
         """Set up the connection (again); on failure leave nothing registered."""
@@ -162,18 +176,23 @@ class Client:
 
     async def _handshake(self, host: str, port: int) -> None:
         manager = self._manager
-        cfg = manager.config
         reader, writer = await asyncio.open_connection(host, port)
         self._reader, self._writer = reader, writer
-        self._local_id = manager.register(self)
+        link = self.link = manager.open_link(self)
         extra = {"slot": self._slot_size, "win": self._window}
-        addr, cid, peer_max = await initiate(
-            reader, writer, cfg, manager.worker_address, self._local_id, extra, f"{host}:{port}"
+        hs = await initiate_handshake(
+            reader,
+            writer,
+            manager.config,
+            manager.worker_address,
+            link.local_id,
+            extra,
+            f"{host}:{port}",
+            key=link.key,
         )
-        ep = manager.endpoint_to(addr)
+        ep = manager.endpoint_to(hs.peer_address)
         self._ep_open = True
-        max_size = min(cfg.max_message_size, peer_max)
-        self.link = Link(manager.engine, ep, self._local_id, cid, 0, max_size, self._lose)
+        link.connect(ep, hs.peer_conn_id, hs.peer_key, hs.peer_max)
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
         # The control stream ends when the server's process dies or it closes us.
@@ -276,22 +295,18 @@ class Client:
         if self._lost is not None:
             return
         self._lost = exc
-        if self.link is not None:
-            self.link.closed = True
-        engine = self._manager._engine
         for call in list(self._pending.values()):
-            if call.op is not None and engine is not None:
-                engine.cancel(call.op)
             if not call.fut.done():
                 call.fut.set_exception(exc)
         self._pending.clear()
         for stream in list(self._streams.values()):
             stream.fail(exc)
-        self._manager.unregister(self._local_id)
+        if self.link is not None:
+            self._manager.unregister(self.link.local_id)
 
     async def _abort(self) -> None:
-        if self._local_id:
-            self._manager.unregister(self._local_id)
+        if self.link is not None:
+            self._manager.unregister(self.link.local_id)
         if self._writer is not None:
             self._writer.close()
 
@@ -346,7 +361,7 @@ class Client:
         if self.link is not None and self._ep_open:
             self._ep_open = False
             await self._manager.close_endpoint(self.link.ep)
-        self._manager._forget_client(self)
+        self._manager.disown(self)
 
     async def __aenter__(self) -> Client:
         return self
@@ -367,6 +382,8 @@ class Client:
         timeout: float | None,
         metadata: Metadata | None,
     ) -> codec.Encoded:
+        link = self.link
+        assert link is not None
         try:
             return codec.encode(
                 kind,
@@ -377,7 +394,7 @@ class Client:
                 timeout=timeout,
                 metadata=metadata,
                 oob_threshold=self._oob,
-                max_size=self.link.max_size,
+                max_size=link.max_size,
                 default=to_wire,
             )
         except (TypeError, ValueError) as exc:
@@ -526,15 +543,15 @@ class Client:
         try:
             if self._lost is not None:
                 raise self._lost_error()
-            call_id = next(self._ids) & codec.MAX_CALL_ID
+            call_id = self._ids.allocate(self._live, len(self._pending) + len(self._streams))
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
             encoded = self._encode(
                 Kind.REQUEST, call_id, method, args, kwargs, priority, remaining, metadata
             )
             fut: asyncio.Future[Any] = loop.create_future()
-            call = _Call(call_id, fut, bytearray(self._slot_size))
+            call = _Call(call_id, fut)
             link = self.link
-            call.op = link.recv_frame(call_id, self._reply_cb(call), call.slot)
+            assert link is not None
             self._pending[call_id] = call
             if deadline is not None:
                 call.timer = loop.call_at(deadline, self._expire, call, method)
@@ -593,9 +610,10 @@ class Client:
     ) -> None:
         if self._lost is not None:
             raise self._lost_error()
-        call_id = next(self._ids) & codec.MAX_CALL_ID
-        encoded = self._encode(Kind.NOTIFY, call_id, method, args, kwargs, priority, None, metadata)
-        self.link.send(call_id, encoded)
+        # Notifications get no reply: call id 0, which no call ever has.
+        encoded = self._encode(Kind.NOTIFY, 0, method, args, kwargs, priority, None, metadata)
+        assert self.link is not None
+        self.link.send(0, encoded)
 
     def stream(
         self,
@@ -675,7 +693,8 @@ class Client:
         method, deadline = ctx.method, ctx.deadline
         await self._admit(method, deadline, ctx.priority)
         loop = self._loop
-        call = StreamCall(self, next(self._ids) & codec.MAX_CALL_ID, self._window)
+        call_id = self._ids.allocate(self._live, len(self._pending) + len(self._streams))
+        call = StreamCall(self, call_id, self._window)
         self._streams[call.call_id] = call  # from here on, _end_stream releases the gate
         try:
             if self._lost is not None:
@@ -693,6 +712,7 @@ class Client:
             )
             if deadline is not None:
                 call.timer = loop.call_at(deadline, self._expire_stream, call, method)
+            assert self.link is not None
             self.link.send(call.call_id, encoded)
         except BaseException:
             call.done = True
@@ -704,7 +724,7 @@ class Client:
         call.fail(DeadlineExceeded(f"stream {method!r} did not finish in time"))
 
     def _grant(self, call_id: int, count: int) -> None:
-        if self._lost is None:
+        if self._lost is None and self.link is not None:
             try:
                 self.link.send(call_id, codec.encode(Kind.CREDIT, call_id, count))
             except RpcError:
@@ -757,65 +777,46 @@ class Client:
             call.fut.set_exception(DeadlineExceeded(f"{method!r} did not answer in time"))
 
     def _abandon(self, call: _Call, *, cancel: bool) -> None:
-        """Withdraw a call's posted receive; with ``cancel``, tell the server to stop."""
-        engine = self._manager._engine
-        if call.op is not None and engine is not None:
-            engine.cancel(call.op)
-            call.op = None
+        """Forget a call (a late reply is dropped); with ``cancel``, tell the server."""
         if cancel:
             self._send_cancel(call.call_id)
 
     def _send_cancel(self, call_id: int) -> None:
-        if self._lost is None:
+        if self._lost is None and self.link is not None:
             try:
                 self.link.send(call_id, codec.encode(Kind.CANCEL, call_id))
             except RpcError:
                 pass
 
-    def _reply_cb(self, call: _Call) -> Any:
-        def done(exc: BaseException | None) -> None:
-            call.op = None
-            fut = call.fut
-            if exc is not None:
-                if not fut.done():
-                    fut.set_exception(exc)
-                return
-            try:
-                header, payload = codec.decode_header(
-                    call.slot, max_size=self.link.max_size, exact=False
-                )
-            except RpcError as err:
-                if not fut.done():
-                    fut.set_exception(err)
-                return
-            self.link.bytes_received += codec.frame_size(call.slot)
-            if header.parts:
-                if fut.done():
-                    self.link.drain_parts(call.call_id, len(header.parts))
-                    return
-                self.link.recv_parts(
-                    call.call_id,
-                    header.parts,
-                    lambda e, parts: self._finish(call, header, payload, parts, e),
-                )
-            else:
-                self._finish(call, header, payload, [], None)
+    # -- frames from the server, in order (the link's owner) ------------------------------------
 
-        return done
+    def deliver(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
+        call_id = header.call_id
+        call = self._pending.get(call_id)
+        if call is not None:
+            self._finish(call, header, payload, parts)
+            return
+        stream = self._streams.get(call_id)
+        if stream is not None:
+            stream.on_frame(header, payload, parts)
+        # else: the reply of a call abandoned (timed out or cancelled): dropped.
+
+    def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
+        call = self._pending.get(call_id)
+        if call is not None and not call.fut.done():
+            call.fut.set_exception(error)
+        stream = self._streams.get(call_id)
+        if stream is not None:
+            stream.fail(error)
+
+    def broken(self, error: RpcError) -> None:
+        self._lose(error)
 
     def _finish(
-        self,
-        call: _Call,
-        header: codec.Header,
-        payload: memoryview,
-        parts: list[Any],
-        exc: BaseException | None,
+        self, call: _Call, header: codec.Header, payload: memoryview, parts: list[Any]
     ) -> None:
         fut = call.fut
         if fut.done():
-            return
-        if exc is not None:
-            fut.set_exception(exc)
             return
         try:
             value = codec.decode_payload(header, payload, parts, array_hook=from_array)
@@ -831,27 +832,3 @@ class Client:
             fut.set_exception(error)
         else:
             fut.set_exception(ProtocolError(f"unexpected {header.kind.name} frame as a reply"))
-
-    # -- frames that no call was waiting for -------------------------------------------------------
-
-    def on_frame(self, call_id: int, buf: bytearray) -> None:
-        stream = self._streams.get(call_id)
-        if stream is not None:
-            stream.on_frame(buf)
-            return
-        # A reply whose call was abandoned (timed out or cancelled): consume its parts.
-        try:
-            header, _ = codec.decode_header(buf)
-        except RpcError:
-            return
-        if header.parts:
-            self.link.drain_parts(call_id, len(header.parts))
-
-    def on_oversized(self, call_id: int, size: int) -> None:
-        error = ProtocolError(f"oversized reply of {size} bytes")
-        call = self._pending.get(call_id)
-        if call is not None and not call.fut.done():
-            call.fut.set_exception(error)
-        stream = self._streams.get(call_id)
-        if stream is not None:
-            stream.fail(error)

@@ -3,45 +3,55 @@
 This module imports msgpack and the standard library only (no ucxx, no asyncio), so it
 can be tested and fuzzed on bytes alone.
 
-Frame layout (one UCX tag message)::
+Frame layout (one UCX tag message; all integers big endian)::
 
     offset  size  field
-    0       1     version       (VERSION = 1; anything else is a ProtocolError)
-    1       1     kind          (Kind)
-    2       2     flags         (Flags, big endian)
-    4       4     header_len    (big endian)
-    8       4     payload_len   (big endian)
-    12      h     header        msgpack array [call_id, method, priority, timeout,
-                                                part_sizes, metadata]
-    12+h    p     payload       msgpack object (absent when Flags.PAYLOAD_OOB)
+    0       1     version       VERSION (2); anything else is a ProtocolError
+    1       1     kind          Kind
+    2       2     flags         Flags
+    4       4     seq           the frame's number in its connection and direction
+                                (0, 1, 2, ... modulo 2**32): the receiver delivers
+                                frames in this order, whatever order UCX completes them
+    8       8     secret        the receiving connection's secret (agreed in the
+                                handshake); a frame with another secret is dropped
+    16      4     call_id       the call the frame belongs to (equal to the tag's)
+    20      4     header_len
+    24      4     payload_len
+    28      h     header        msgpack array [method, priority, timeout,
+                                               part_sizes, metadata]
+    28+h    p     payload       msgpack object (absent when Flags.PAYLOAD_OOB)
 
 Large bytes-like values in the payload are not copied into msgpack: each becomes an
 extension value (code ``EXT_PART``) naming a *part*, and the part travels as its own UCX
-message on a data tag, sent straight from the caller's buffer and received into a buffer
-of its exact size. When a frame would exceed the receiver's slot, the whole msgpack
-payload travels as the last part (``Flags.PAYLOAD_OOB``).
+message on a data tag, sent straight from the caller's buffer (made contiguous first)
+and received into a buffer of exactly the announced size once the receiver has
+checked the size UCX reports for it. A frame larger than ``MAX_FRAME`` moves its
+payload into its last part (``Flags.PAYLOAD_OOB``), so every frame is small.
+
+A ``BATCH`` frame carries several complete frames back to back in its payload (each
+with its own seq; the batch's own seq is 0 and ignored): frames queued for one peer
+while the sender was busy leave as one UCX message.
 
 Tag layout (64 bits)::
 
-    63   62                    40 39                             8 7        0
-    +---+------------------------+--------------------------------+----------+
-    | D |   connection id (23)   |          call id (32)          | part (8) |
-    +---+------------------------+--------------------------------+----------+
+    63   62                    40 39                                           0
+    +---+------------------------+----------------------------------------------+
+    | 0 |   connection id (23)   |   call id (32)                  |  0 (8)     |  frame
+    | 1 |   connection id (23)   |   key (40) XOR (seq (32) << 8 | part (8))    |  part
+    +---+------------------------+----------------------------------------------+
 
-* ``D`` is 0 for a frame and 1 for a data part.
-* The connection id is chosen by the *receiving* worker when the connection is set up
-  and is unique among that worker's live connections. Tags are matched worker-wide, so
-  a message can only ever match receives of the one connection it was addressed to:
-  two peers can never produce the same tag at one receiver.
-* The call id is chosen by the caller, unique among its calls in flight on the
-  connection; a reply carries the call id of its request, so the receive a caller posts
-  for ``frame_tag(conn, call)`` is matched by UCX itself to exactly that reply.
-* The part index is 0 for frames and 1..255 for the data parts of a frame.
+* The connection id is chosen at random by the *receiving* worker and is unique among
+  its live connections; UCX matches tags worker-wide, and the receiver routes each
+  message to its connection by this field.
+* A data part's tag binds it to exactly one frame (its seq) and part index, masked by
+  a per-connection random key: a peer cannot aim a message at another connection's
+  parts without knowing that connection's key.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
@@ -56,44 +66,65 @@ __all__ = [
     "DEFAULT_OOB_THRESHOLD",
     "FRAME_PROBE_MASK",
     "FRAME_PROBE_TAG",
+    "KEY_MASK",
     "MAX_CALL_ID",
     "MAX_CONN_ID",
+    "MAX_FRAME",
     "MAX_PARTS",
+    "PART_PROBE_MASK",
+    "PART_PROBE_TAG",
     "PREFIX_SIZE",
+    "SEQ_MOD",
     "VERSION",
     "ArrayData",
     "Encoded",
     "Flags",
     "Header",
     "Kind",
+    "Prefix",
+    "contiguous",
+    "control_length",
     "data_tag",
     "decode_control",
     "decode_header",
     "decode_payload",
     "encode",
+    "encode_batch",
     "encode_control",
-    "frame_size",
+    "check_metadata",
     "frame_tag",
-    "control_length",
+    "peek",
+    "split_batch",
     "split_tag",
+    "stamp",
 ]
 
-VERSION: Final = 1
-_PREFIX = struct.Struct("!BBHII")
+VERSION: Final = 2
+_PREFIX = struct.Struct("!BBHIQIII")
 PREFIX_SIZE: Final = _PREFIX.size
+_STAMP = struct.Struct("!IQ")  # seq, secret at offset 4
 
 CONN_ID_BITS: Final = 23
 MAX_CONN_ID: Final = (1 << CONN_ID_BITS) - 1
 MAX_CALL_ID: Final = (1 << 32) - 1
+SEQ_MOD: Final = 1 << 32
 MAX_PARTS: Final = 255
 DATA_BIT: Final = 1 << 63
+#: The bits of a data tag that are masked by the connection's key.
+KEY_MASK: Final = (1 << 40) - 1
 #: Probing with this tag and mask matches every frame and no data part.
 FRAME_PROBE_TAG: Final = 0
 FRAME_PROBE_MASK: Final = DATA_BIT
+#: Probing with this tag and mask matches every data part and no frame.
+PART_PROBE_TAG: Final = DATA_BIT
+PART_PROBE_MASK: Final = DATA_BIT
 #: Bytes-like values at least this long travel as separate parts.
 DEFAULT_OOB_THRESHOLD: Final = 16 * 1024
+#: The largest frame (prefix, header and inline payload); larger payloads travel as a
+#: part. Receivers refuse larger frames without allocating for them.
+MAX_FRAME: Final = 64 * 1024
 #: A header larger than this is rejected before it is parsed.
-MAX_HEADER_SIZE: Final = 64 * 1024
+MAX_HEADER_SIZE: Final = 32 * 1024
 EXT_PART: Final = 1
 #: An n-dimensional array: ``[dtype, shape, data]`` where data is bytes or a part.
 EXT_ARRAY: Final = 2
@@ -110,15 +141,18 @@ class Kind(enum.IntEnum):
     ERROR = 5
     #: A request whose results come back as a stream of ITEM frames and an END.
     STREAM = 6
-    #: One item of a server stream (server to client).
+    #: One item of a stream (either direction).
     ITEM = 7
-    #: The end of a server stream; its metadata is the trailing metadata.
+    #: The end of a stream (either direction: a half-close); its metadata is the
+    #: trailing metadata.
     END = 8
     #: The consumer of a stream grants the producer more items (payload: a count).
     CREDIT = 9
     #: A raw tagged message of the messaging layer (call id = the user's tag;
     #: payload: the bytes).
     MESSAGE = 10
+    #: Several complete frames in one UCX message (payload: the frames back to back).
+    BATCH = 11
 
 
 class Flags(enum.IntFlag):
@@ -136,6 +170,7 @@ _pack_prefix = _PREFIX.pack
 _unpack_prefix = _PREFIX.unpack_from
 _KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB)
 _PAYLOAD_OOB: Final = int(Flags.PAYLOAD_OOB)
+_isfinite = math.isfinite
 
 
 def frame_tag(conn_id: int, call_id: int) -> int:
@@ -143,19 +178,46 @@ def frame_tag(conn_id: int, call_id: int) -> int:
     return (conn_id << 40) | (call_id << 8)
 
 
-def data_tag(conn_id: int, call_id: int, part: int) -> int:
-    """The tag of data part ``part`` (1-based) of a frame for ``call_id``."""
-    return DATA_BIT | (conn_id << 40) | (call_id << 8) | part
+def data_tag(conn_id: int, key: int, seq: int, part: int) -> int:
+    """The tag of data part ``part`` (1-based) of frame ``seq`` sent to ``conn_id``.
+
+    ``key`` is the receiving connection's 40-bit data-tag key.
+    """
+    return DATA_BIT | (conn_id << 40) | ((key ^ ((seq << 8) | part)) & KEY_MASK)
 
 
-def split_tag(tag: int) -> tuple[bool, int, int, int]:
-    """Split a tag into ``(is_data, conn_id, call_id, part)``."""
-    return (
-        bool(tag & DATA_BIT),
-        (tag >> 40) & MAX_CONN_ID,
-        (tag >> 8) & MAX_CALL_ID,
-        tag & 0xFF,
-    )
+def split_tag(tag: int) -> tuple[bool, int, int]:
+    """Split a tag into ``(is_data, conn_id, low_40_bits)``."""
+    return bool(tag & DATA_BIT), (tag >> 40) & MAX_CONN_ID, tag & KEY_MASK
+
+
+class Prefix(NamedTuple):
+    """The fixed-size start of a frame (see the module docstring)."""
+
+    version: int
+    kind: int
+    flags: int
+    seq: int
+    secret: int
+    call_id: int
+    header_len: int
+    payload_len: int
+
+
+def peek(buf: Any) -> Prefix:
+    """Read a frame's prefix without checking anything but its length.
+
+    Raises:
+        ProtocolError: Fewer bytes than a prefix.
+    """
+    if len(buf) < PREFIX_SIZE:
+        raise ProtocolError(f"truncated frame: {len(buf)} bytes, the prefix needs {PREFIX_SIZE}")
+    return Prefix._make(_unpack_prefix(buf))
+
+
+def stamp(frame: bytearray, seq: int, secret: int) -> None:
+    """Write a frame's seq and the receiver's secret into its prefix (at send time)."""
+    _STAMP.pack_into(frame, 4, seq, secret)
 
 
 class Header(NamedTuple):
@@ -171,6 +233,7 @@ class Header(NamedTuple):
         flags: Per-frame flags (:class:`Flags` bits).
         parts: Sizes of the data parts that follow the frame, in order.
         metadata: Per-call metadata, if any.
+        seq: The frame's number in its connection and direction.
     """
 
     kind: Kind
@@ -181,12 +244,16 @@ class Header(NamedTuple):
     flags: int = 0
     parts: tuple[int, ...] = ()
     metadata: dict[str, Any] | None = None
+    seq: int = 0
 
 
 class Encoded(NamedTuple):
-    """A frame ready to send: the frame bytes and the data parts that follow it."""
+    """A frame ready to send: the frame bytes and the data parts that follow it.
 
-    frame: bytes
+    The frame's seq and secret are zero until :func:`stamp` fills them in.
+    """
+
+    frame: bytearray
     parts: list[Any]
 
     @property
@@ -197,6 +264,24 @@ class Encoded(NamedTuple):
 
 def _nbytes(buf: Any) -> int:
     return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+def contiguous(buf: Any) -> Any:
+    """``buf`` as a C-contiguous, byte-addressed buffer of its logical bytes.
+
+    bytes and bytearray are returned as they are; a memoryview (or any buffer) is cast
+    to bytes when it is contiguous and copied when it is not (a strided view such as
+    ``data[::-1]`` must never reach UCX as a raw pointer).
+    """
+    t = type(buf)
+    if t is bytes or t is bytearray:
+        return buf
+    view = buf if t is memoryview else memoryview(buf)
+    if view.nbytes == 0:
+        return b""
+    if view.c_contiguous:
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+    return view.tobytes()
 
 
 def _is_large(obj: Any, threshold: int) -> bool:
@@ -217,14 +302,14 @@ def _is_large(obj: Any, threshold: int) -> bool:
             if _is_large(x, threshold):
                 return True
         return False
-    if t is memoryview:
-        return bool(obj.nbytes >= threshold)
-    return False
+    return t is memoryview  # may be strided: always taken through _extract
 
 
 def _extract(obj: Any, parts: list[Any], threshold: int) -> Any:
     t = type(obj)
     if t is bytes or t is bytearray or t is memoryview:
+        if t is memoryview:
+            obj = contiguous(obj)
         if _nbytes(obj) >= threshold and len(parts) < MAX_PARTS - 1:
             parts.append(obj)
             return msgpack.ExtType(EXT_PART, bytes((len(parts) - 1,)))
@@ -299,11 +384,11 @@ def encode(
     timeout: float | None = None,
     metadata: dict[str, Any] | None = None,
     oob_threshold: int = DEFAULT_OOB_THRESHOLD,
-    inline_limit: int | None = None,
+    inline_limit: int = MAX_FRAME,
     max_size: int | None = None,
     default: Callable[[Any], Any] | None = None,
 ) -> Encoded:
-    """Encode a frame.
+    """Encode a frame (its seq and secret are stamped when it is sent).
 
     Args:
         kind: The frame kind.
@@ -312,11 +397,11 @@ def encode(
             ``oob_threshold`` bytes become separate parts.
         method: Method name (requests and notifications).
         priority: Call priority (0..255), or ``None`` for the method's default.
-        timeout: Seconds left until the deadline, or ``None``.
+        timeout: Seconds left until the deadline (finite, >= 0), or ``None``.
         metadata: Per-call metadata (str keys, str or bytes values).
         oob_threshold: Size from which bytes-like values travel as parts.
-        inline_limit: If set and the frame would be larger, the payload travels as
-            the last part (the receiver posted a receive of this size).
+        inline_limit: A frame that would be larger moves its payload into its last
+            part (at most ``MAX_FRAME``).
         max_size: If set, the total size (frame and parts) may not exceed it.
         default: Converts objects msgpack does not know (models, dates, ...) into
             ones it does, or into :class:`ArrayData`; raises ``TypeError`` for the
@@ -327,8 +412,14 @@ def encode(
 
     Raises:
         TypeError: The payload holds a value msgpack cannot carry.
+        ValueError: A timeout that is not a finite, non-negative number, or metadata
+            that is not str to str or bytes.
         ResourceExhausted: The message is larger than ``max_size``.
     """
+    if timeout is not None and not (_isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
+    if metadata:
+        check_metadata(metadata)
     parts: list[Any] = []
     if _is_large(payload, oob_threshold):
         payload = _extract(payload, parts, oob_threshold)
@@ -339,14 +430,22 @@ def encode(
         # the parts extracted above stay valid (the hook appends after them).
         hook = _packer_default(parts, oob_threshold, default)
         body = _packb(payload, default=hook, use_bin_type=True)
+    except RecursionError:
+        raise TypeError("the value is nested too deeply to serialize") from None
+    sizes = [_nbytes(p) for p in parts]
+    header = _packb([method, priority, timeout, sizes, metadata])
     flags = 0
-    if inline_limit is not None and PREFIX_SIZE + 64 + len(method) + len(body) > inline_limit:
+    if PREFIX_SIZE + len(header) + len(body) > min(inline_limit, MAX_FRAME):
         flags = _PAYLOAD_OOB
         parts.append(body)
+        sizes.append(len(body))
+        header = _packb([method, priority, timeout, sizes, metadata])
         body = b""
-    sizes = [_nbytes(p) for p in parts] if parts else []
-    header = _packb([call_id, method, priority, timeout, sizes, metadata])
-    frame = _pack_prefix(VERSION, kind, flags, len(header), len(body)) + header + body
+    if len(header) > MAX_HEADER_SIZE:
+        raise ValueError(f"the frame header is {len(header)} bytes (limit {MAX_HEADER_SIZE})")
+    frame = bytearray(_pack_prefix(VERSION, kind, flags, 0, 0, call_id, len(header), len(body)))
+    frame += header
+    frame += body
     if max_size is not None:
         total = len(frame) + sum(sizes)
         if total > max_size:
@@ -356,16 +455,51 @@ def encode(
     return Encoded(frame, parts)
 
 
-def frame_size(buf: Any) -> int:
-    """The total size of the frame that starts at ``buf`` (from its prefix).
+def check_metadata(metadata: Any) -> None:
+    """Reject metadata that is not a map of str to str or bytes.
 
     Raises:
-        ProtocolError: Fewer bytes than a prefix.
+        ValueError: Naming the offending entry.
     """
-    if len(buf) < PREFIX_SIZE:
-        raise ProtocolError(f"truncated frame: {len(buf)} bytes, the prefix needs {PREFIX_SIZE}")
-    _, _, _, hlen, plen = _PREFIX.unpack_from(buf)
-    return int(PREFIX_SIZE + hlen + plen)
+    if type(metadata) is not dict:
+        raise ValueError(f"metadata must be a dict, not {type(metadata).__name__}")
+    for key, value in metadata.items():
+        if type(key) is not str or not (type(value) is str or type(value) is bytes):
+            raise ValueError(
+                f"metadata must map str to str or bytes, got {key!r}: {type(value).__name__}"
+            )
+
+
+def encode_batch(frames: Sequence[Any], secret: int) -> bytearray:
+    """One BATCH frame holding ``frames`` (already stamped) back to back."""
+    size = sum(len(f) for f in frames)
+    out = bytearray(_pack_prefix(VERSION, Kind.BATCH, 0, 0, secret, 0, 0, size))
+    for f in frames:
+        out += f
+    return out
+
+
+def split_batch(payload: Any) -> list[memoryview]:
+    """The frames inside a BATCH frame's payload.
+
+    Raises:
+        ProtocolError: A truncated or empty inner frame, or a batch inside a batch.
+    """
+    view = memoryview(payload)
+    out: list[memoryview] = []
+    pos, n = 0, len(view)
+    while pos < n:
+        if n - pos < PREFIX_SIZE:
+            raise ProtocolError("truncated frame inside a batch")
+        _, kind, _, _, _, _, hlen, plen = _unpack_prefix(view, pos)
+        end = pos + PREFIX_SIZE + hlen + plen
+        if end > n:
+            raise ProtocolError("truncated frame inside a batch")
+        if kind == Kind.BATCH:
+            raise ProtocolError("a batch inside a batch")
+        out.append(view[pos:end])
+        pos = end
+    return out
 
 
 def decode_header(
@@ -377,7 +511,7 @@ def decode_header(
         buf: The received bytes (bytes, bytearray or memoryview).
         max_size: If set, a frame announcing more bytes (frame plus parts) is rejected.
         exact: Require ``buf`` to hold exactly one frame; when False, bytes after the
-            frame (the rest of a receive slot) are ignored.
+            frame are ignored.
 
     Returns:
         The header and a view of the inline payload (empty with ``PAYLOAD_OOB``).
@@ -388,7 +522,7 @@ def decode_header(
     n = len(buf)
     if n < PREFIX_SIZE:
         raise ProtocolError(f"truncated frame: {n} bytes, the prefix needs {PREFIX_SIZE}")
-    version, kind, flags, hlen, plen = _unpack_prefix(buf)
+    version, kind, flags, seq, _, call_id, hlen, plen = _unpack_prefix(buf)
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
     kind_enum = _KIND_BY_VALUE.get(kind)
@@ -404,23 +538,25 @@ def decode_header(
         raise ProtocolError(f"truncated frame: {n} bytes received, {total} announced")
     if exact and total != n:
         raise ProtocolError(f"frame of {total} bytes followed by {n - total} stray bytes")
+    if kind_enum is Kind.BATCH:
+        return Header(kind_enum, call_id, seq=seq), memoryview(buf)[end:total]
     try:
         fields = _unpackb(buf[PREFIX_SIZE:end])
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"malformed frame header: {exc}") from None
-    if type(fields) is not list or len(fields) != 6:
-        raise ProtocolError("malformed frame header: expected an array of 6 fields")
-    call_id, method, priority, timeout, part_sizes, metadata = fields
+    if type(fields) is not list or len(fields) != 5:
+        raise ProtocolError("malformed frame header: expected an array of 5 fields")
+    method, priority, timeout, part_sizes, metadata = fields
     if (
-        type(call_id) is not int
-        or not 0 <= call_id <= MAX_CALL_ID
-        or type(method) is not str
+        type(method) is not str
         or not (priority is None or (type(priority) is int and 0 <= priority <= 255))
         or not (timeout is None or type(timeout) is float or type(timeout) is int)
         or type(part_sizes) is not list
         or not (metadata is None or type(metadata) is dict)
     ):
         raise ProtocolError("malformed frame header: a field has the wrong type")
+    if timeout is not None and not (_isfinite(timeout) and timeout >= 0):
+        raise ProtocolError(f"malformed frame header: timeout {timeout!r} is not finite and >= 0")
     if metadata:
         for key, value in metadata.items():
             if type(key) is not str or not (type(value) is str or type(value) is bytes):
@@ -440,7 +576,7 @@ def decode_header(
     if max_size is not None and total > max_size:
         raise ProtocolError(f"oversized message: {total} bytes, the limit is {max_size}")
     header = Header(
-        kind_enum, call_id, method, priority, timeout, flags, tuple(part_sizes), metadata
+        kind_enum, call_id, method, priority, timeout, flags, tuple(part_sizes), metadata, seq
     )
     return header, memoryview(buf)[end:total]
 

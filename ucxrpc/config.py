@@ -47,6 +47,18 @@ class Config(BaseSettings):
     max_message_size: int = Field(
         256 * 1024 * 1024, gt=0, description="largest message sent or accepted (bytes)"
     )
+    receive_budget: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="data-part bytes one connection may have announced and not yet "
+        "delivered (at least max_message_size); beyond it a call gets ResourceExhausted",
+    )
+    part_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a frame may wait for the data parts it announced; then its "
+        "call fails with ProtocolError and the parts are forgotten",
+    )
     max_inflight: int = Field(
         1024, gt=0, description="calls in flight per connection (client waits, server refuses)"
     )

@@ -7,13 +7,15 @@ import contextvars
 import functools
 import inspect
 import logging
+import secrets
 import traceback
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from . import codec
-from ._control import answer, refuse, serve_control
+from ._control import KEY_SIZE, answer, refuse, serve_control
 from ._handlers import Handler, Priority, make_handler
+from ._link import Link
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
 from .codec import Kind
@@ -33,10 +35,9 @@ from .interceptors import Interceptor, run_chain
 from .reflection import DESCRIBE_METHOD, describe
 from .service import Service, rpc_methods, rpc_options
 from .stream import Credit
-from .transport import Link
 
 if TYPE_CHECKING:
-    from .manager import Manager
+    from .runtime import Runtime
 
 __all__ = ["Priority", "Server"]
 
@@ -70,7 +71,7 @@ class Server:
         self._gone_bytes = [0, 0]  # sent, received by connections already closed
         self._add_builtin_methods()
         self._limiter = PriorityLimiter(max_concurrency)
-        self._manager: Manager | None = None
+        self._manager: Runtime | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[_ServerConn] = set()
         self._accepting: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
@@ -216,7 +217,7 @@ class Server:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def start(self, manager: Manager, host: str = "127.0.0.1", port: int = 0) -> None:
+    async def start(self, manager: Runtime, host: str = "127.0.0.1", port: int = 0) -> None:
         """Start serving.
 
         Args:
@@ -236,7 +237,7 @@ class Server:
             raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         sock = self._tcp.sockets[0].getsockname()
         self._host, self._port = host, int(sock[1])
-        manager._add_server(self)
+        manager.own(self, 1, self.stop)
 
     @property
     def port(self) -> int:
@@ -251,12 +252,12 @@ class Server:
     @property
     def bytes_sent(self) -> int:
         """Bytes sent to clients over UCX (frames and data parts), since creation."""
-        return self._gone_bytes[0] + sum(c.link.bytes_sent for c in self._conns)
+        return self._gone_bytes[0] + sum(c.link.bytes_sent for c in self._conns if c.link)
 
     @property
     def bytes_received(self) -> int:
         """Bytes received from clients over UCX (frames and data parts), since creation."""
-        return self._gone_bytes[1] + sum(c.link.bytes_received for c in self._conns)
+        return self._gone_bytes[1] + sum(c.link.bytes_received for c in self._conns if c.link)
 
     @property
     def connections(self) -> int:
@@ -286,7 +287,7 @@ class Server:
         tcp, self._tcp = self._tcp, None
         self._draining = True
         tcp.close()
-        tasks = [t for c in self._conns for t in c.calls.values()]
+        tasks = [t for c in self._conns for t in (*c.calls.values(), *c.notes)]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         for conn in list(self._conns):
@@ -300,7 +301,7 @@ class Server:
                 task.cancel()
         await tcp.wait_closed()
         if self._manager is not None:
-            self._manager._forget_server(self)
+            self._manager.disown(self)
         assert self._stopped is not None
         self._stopped.set()
 
@@ -334,12 +335,15 @@ class Server:
             if self._draining:
                 raise Unavailable("the server is shutting down")
             conn = _ServerConn(self, manager, writer)
-            conn.open(hello)
+            local_id = conn.open(hello, key)
             self._conns.add(conn)
-            return conn.link.local_id
+            return local_id
 
+        key = secrets.token_bytes(KEY_SIZE)
         try:
-            if await answer(reader, writer, manager.config, manager.worker_address, open_conn):
+            if await answer(
+                reader, writer, manager.config, manager.worker_address, open_conn, key=key
+            ):
                 await serve_control(reader, writer)
         except RpcError as exc:
             refuse(writer, exc)
@@ -386,7 +390,7 @@ class Server:
             )
             enter(ctx)
             if not self._limiter.try_acquire():
-                await self._limiter.acquire(priority)
+                await self._admit(priority, deadline, header.method)
             acquired = True
             if deadline is not None and deadline <= loop.time():
                 raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
@@ -413,7 +417,18 @@ class Server:
         finally:
             if acquired:
                 self._limiter.release()
-            conn.calls.pop(call_id, None)
+
+    async def _admit(self, priority: int, deadline: float | None, method: str) -> None:
+        """Wait for a slot under ``max_concurrency``; a call whose deadline passes
+        while it waits leaves the queue."""
+        if deadline is None:
+            await self._limiter.acquire(priority)
+            return
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._limiter.acquire(priority)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed while {method!r} waited to start") from None
 
     async def _proceed(
         self,
@@ -510,15 +525,16 @@ def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
 
 
 class _ServerConn:
-    """The server's side of one client connection."""
+    """The server's side of one client connection (the owner of its link)."""
 
-    def __init__(self, server: Server, manager: Manager, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, server: Server, manager: Runtime, writer: asyncio.StreamWriter) -> None:
         self.server = server
         self.manager = manager
         self.writer = writer
         self.calls: dict[int, asyncio.Task[None]] = {}
+        self.notes: set[asyncio.Task[None]] = set()
         self.credits: dict[int, Credit] = {}
-        self.link: Link = None  # type: ignore[assignment]  # set by open()
+        self.link: Link | None = None
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
         self.window = DEFAULT_WINDOW
@@ -527,55 +543,34 @@ class _ServerConn:
         self._max_inflight = cfg.max_inflight
         self._oob = cfg.oob_threshold
         self._tracebacks = cfg.expose_tracebacks
+        self._loop = asyncio.get_running_loop()
 
-    def open(self, hello: dict[str, Any]) -> None:
+    def open(self, hello: dict[str, Any], key: bytes) -> int:
+        """Set the connection up from a (checked) hello; returns its connection id."""
         if hello.get("role") == "messages":
             raise MethodNotFound(
                 "this is an RPC server: connect with manager.connect(), not Worker.connect()"
             )
-        addr, cid, slot = hello.get("addr"), hello.get("cid"), hello.get("slot")
-        if (
-            not isinstance(addr, bytes)
-            or type(cid) is not int
-            or not 0 < cid <= codec.MAX_CONN_ID
-            or type(slot) is not int
-            or slot < codec.PREFIX_SIZE + 64
-        ):
-            raise ProtocolError("malformed hello")
         window = hello.get("win")
         if type(window) is int and 0 < window <= MAX_WINDOW:
             self.window = window
-        peer_max = hello.get("max")
-        max_size = self.manager.config.max_message_size
-        if type(peer_max) is int and peer_max > 0:
-            max_size = min(max_size, peer_max)
-        ep = self.manager.endpoint_to(addr)
-        local_id = self.manager.register(self)
-        self.link = Link(self.manager.engine, ep, local_id, cid, slot, max_size, self._send_failed)
+        max_size = min(self.manager.config.max_message_size, hello["max"])
+        ep = self.manager.endpoint_to(hello["addr"])
+        link = self.manager.open_link(self, key)
+        link.connect(ep, hello["cid"], hello["key"], max_size)
+        self.link = link
+        return link.local_id
 
-    # -- frames from the client -----------------------------------------------------------------
+    # -- frames from the client, in order (the link's owner) ----------------------------------
 
-    def on_frame(self, call_id: int, buf: bytearray) -> None:
+    def deliver(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
         if self._closed:
             return
-        try:
-            header, payload = codec.decode_header(buf, max_size=self.link.max_size)
-        except ProtocolError as exc:
-            self.reply_error(call_id, exc)
-            return
-        self.link.bytes_received += len(buf)
         kind = header.kind
-        if kind is Kind.REQUEST or kind is Kind.NOTIFY or kind is Kind.STREAM:
-            loop = asyncio.get_running_loop()
-            deadline = None if header.timeout is None else loop.time() + header.timeout
-            if header.parts:
-                self.link.recv_parts(
-                    call_id,
-                    header.parts,
-                    lambda exc, parts: self._start(header, payload, parts, deadline, exc),
-                )
-            else:
-                self._start(header, payload, [], deadline, None)
+        call_id = header.call_id
+        if kind is Kind.REQUEST or kind is Kind.STREAM or kind is Kind.NOTIFY:
+            deadline = None if header.timeout is None else self._loop.time() + header.timeout
+            self._start(header, payload, parts, deadline)
         elif kind is Kind.CANCEL:
             task = self.calls.get(call_id)
             if task is not None:
@@ -584,6 +579,19 @@ class _ServerConn:
             self._on_credit(call_id, header, payload)
         else:
             self.reply_error(call_id, ProtocolError(f"unexpected {kind.name} frame from a client"))
+
+    def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
+        if self._closed or kind is Kind.NOTIFY:
+            return
+        task = self.calls.get(call_id)
+        if task is not None and kind is not Kind.REQUEST and kind is not Kind.STREAM:
+            task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
+        if task is None or kind is not Kind.REQUEST:
+            self.reply_error(call_id, error)
+
+    def broken(self, error: RpcError) -> None:
+        log.info("connection from %s broken: %s", self.peer, error)
+        self._loop.create_task(self.close())
 
     def _on_credit(self, call_id: int, header: codec.Header, payload: memoryview) -> None:
         try:
@@ -600,44 +608,41 @@ class _ServerConn:
         if credit is not None:  # else the stream has ended; credits may cross its END
             credit.grant(count)
 
-    def on_oversized(self, call_id: int, size: int) -> None:
-        self.reply_error(
-            call_id,
-            ResourceExhausted(
-                f"message of {size} bytes exceeds the server's limit of "
-                f"{self.manager.config.max_message_size} bytes"
-            ),
-        )
-
     def _start(
         self,
         header: codec.Header,
         payload: memoryview,
         parts: list[Any],
         deadline: float | None,
-        exc: BaseException | None,
     ) -> None:
         call_id = header.call_id
-        if self._closed:
-            return
-        if exc is not None:
-            self.reply_error(call_id, ProtocolError(f"a data part failed to arrive: {exc}"))
-            return
+        notify = header.kind is Kind.NOTIFY
         if self.server._draining:
-            self.reply_error(call_id, Unavailable("the server is shutting down"))
+            if not notify:
+                self.reply_error(call_id, Unavailable("the server is shutting down"))
             return
-        if call_id in self.calls:
+        if not notify and call_id in self.calls:
             self.reply_error(call_id, ProtocolError(f"call id {call_id} is already in flight"))
             return
-        if len(self.calls) >= self._max_inflight:
-            self.reply_error(
-                call_id,
-                ResourceExhausted(f"more than {self._max_inflight} calls in flight"),
-            )
+        if len(self.calls) + len(self.notes) >= self._max_inflight:
+            if not notify:
+                self.reply_error(
+                    call_id,
+                    ResourceExhausted(f"more than {self._max_inflight} calls in flight"),
+                )
             return
-        self.calls[call_id] = asyncio.get_running_loop().create_task(
-            self.server._run_call(self, header, payload, parts, deadline)
-        )
+        task = self._loop.create_task(self.server._run_call(self, header, payload, parts, deadline))
+        if notify:
+            self.notes.add(task)
+            task.add_done_callback(self.notes.discard)
+        else:
+            self.calls[call_id] = task
+            # Also when the task is cancelled before it ever ran (its finally never runs).
+            task.add_done_callback(functools.partial(self._ended, call_id))
+
+    def _ended(self, call_id: int, task: asyncio.Task[None]) -> None:
+        if self.calls.get(call_id) is task:
+            del self.calls[call_id]
 
     # -- replies -----------------------------------------------------------------------------------
 
@@ -645,8 +650,7 @@ class _ServerConn:
         self, call_id: int, kind: Kind, payload: Any, metadata: dict[str, Any] | None
     ) -> codec.Encoded:
         link = self.link
-        # Unary replies land in the caller's slot; stream frames are received at size.
-        inline = link.remote_slot if kind is Kind.REPLY or kind is Kind.ERROR else None
+        assert link is not None
         try:
             return codec.encode(
                 kind,
@@ -654,30 +658,36 @@ class _ServerConn:
                 payload,
                 metadata=metadata,
                 oob_threshold=self._oob,
-                inline_limit=inline,
                 max_size=link.max_size,
                 default=to_wire,
             )
         except (TypeError, ValueError, OverflowError) as exc:
-            raise RpcError(13, f"the result cannot be serialized: {exc}") from None
+            what = "metadata" if "metadata" in str(exc) else "result"
+            raise RpcError(13, f"the {what} cannot be serialized: {exc}") from None
 
     def _send(self, call_id: int, encoded: codec.Encoded) -> None:
+        link = self.link
+        if link is None:
+            return
         try:
-            self.link.send(call_id, encoded)
+            link.send(call_id, encoded)
         except RpcError as exc:
-            self._send_failed(exc)
+            self.broken(exc)
 
     def reply(
         self, call_id: int, kind: Kind, payload: Any, metadata: dict[str, Any] | None = None
     ) -> None:
-        """Send a reply (or the end of a stream); a result that cannot be sent becomes
-        an error reply."""
+        """Send a reply (or the end of a stream); a result or metadata that cannot be
+        sent becomes an error reply (without that metadata)."""
         if self._closed:
             return
         try:
             encoded = self._encode(call_id, kind, payload, metadata)
         except RpcError as exc:
-            self.reply_error(call_id, exc, metadata)
+            if kind is Kind.ERROR:
+                log.error("cannot send the error of call %d: %s", call_id, exc)
+                return
+            self.reply_error(call_id, exc)
             return
         self._send(call_id, encoded)
 
@@ -696,6 +706,12 @@ class _ServerConn:
         payload = error_payload(exc)
         if not self._tracebacks:
             payload[4] = ""  # also for a RemoteError passed on from a nested call
+        if metadata:
+            try:
+                codec.check_metadata(metadata)
+            except ValueError as bad:
+                exc = RpcError(13, f"the response metadata cannot be sent: {bad}")
+                payload, metadata = error_payload(exc), None
         self.reply(call_id, Kind.ERROR, payload, metadata)
 
     def reply_exception(
@@ -711,26 +727,23 @@ class _ServerConn:
         error = RemoteError(str(exc), remote_type=name, remote_traceback=tb)
         self.reply_error(call_id, error, metadata)
 
-    def _send_failed(self, exc: RpcError) -> None:
-        log.info("connection to a client failed: %s", exc)
-        asyncio.get_running_loop().create_task(self.close())
-
     async def close(self) -> None:
         """Cancel this connection's calls, free its state and close its endpoint."""
         if self._closed:
             return
         self._closed = True
         self.server._conns.discard(self)
-        tasks = list(self.calls.values())
+        tasks = [*self.calls.values(), *self.notes]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
         self.calls.clear()
+        self.notes.clear()
         self.writer.close()
-        if self.link is not None:
-            self.link.closed = True
-            self.server._gone_bytes[0] += self.link.bytes_sent
-            self.server._gone_bytes[1] += self.link.bytes_received
-            self.manager.unregister(self.link.local_id)
-            await self.manager.close_endpoint(self.link.ep)
+        link = self.link
+        if link is not None:
+            self.server._gone_bytes[0] += link.bytes_sent
+            self.server._gone_bytes[1] += link.bytes_received
+            self.manager.unregister(link.local_id)
+            await self.manager.close_endpoint(link.ep)

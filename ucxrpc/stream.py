@@ -59,16 +59,16 @@ class Credit:
 class StreamCall:
     """The client's state of one open stream, registered with the client by call id.
 
-    Entries are appended in frame order and become ready when their data parts have
-    arrived, so items are delivered in order even when parts arrive late.
+    Frames reach it in the order the server sent them, each with its parts (the
+    connection's protocol machine sees to that).
     """
 
     def __init__(self, client: Client, call_id: int, window: int) -> None:
         self.client = client
         self.call_id = call_id
         self.credit_step = max(window // 2, 1)
-        # Each entry: [ready, kind, value, metadata]
-        self.items: deque[list[Any]] = deque()
+        # Each entry: (kind, value, metadata)
+        self.items: deque[tuple[Kind, Any, Metadata | None]] = deque()
         self.waiter: asyncio.Future[None] | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -83,45 +83,21 @@ class StreamCall:
 
     # -- frames from the server ---------------------------------------------------------------
 
-    def on_frame(self, buf: bytearray) -> None:
-        link = self.client.link
-        try:
-            header, payload = codec.decode_header(buf, max_size=link.max_size)
-        except RpcError as exc:
-            self.fail(exc)
-            return
-        link.bytes_received += len(buf)
+    def on_frame(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
+        """The next frame of this stream (in order, with its parts)."""
         kind = header.kind
         if kind is not _ITEM and kind is not _END and kind is not _ERROR:
             self.fail(ProtocolError(f"unexpected {kind.name} frame in a stream"))
             return
-        entry: list[Any] = [False, kind, None, header.metadata]
-        self.items.append(entry)
-        link.then_parts(
-            self.call_id,
-            header.parts,
-            lambda exc, parts: self._ready(entry, header, payload, parts, exc),
-        )
-
-    def _ready(
-        self,
-        entry: list[Any],
-        header: codec.Header,
-        payload: memoryview,
-        parts: list[Any],
-        exc: BaseException | None,
-    ) -> None:
-        if exc is not None:
-            entry[1], entry[2] = _ERROR, ProtocolError(f"a data part failed to arrive: {exc}")
+        try:
+            value = codec.decode_payload(header, payload, parts, array_hook=from_array)
+        except RpcError as err:
+            kind, value = _ERROR, err
         else:
-            try:
-                value = codec.decode_payload(header, payload, parts, array_hook=from_array)
-            except RpcError as err:
-                entry[1], entry[2] = _ERROR, err
-            else:
-                entry[2] = error_from_payload(value) if entry[1] is _ERROR else value
-        entry[0] = True
-        if entry is self.items[0]:
+            if kind is _ERROR:
+                value = error_from_payload(value)
+        self.items.append((kind, value, header.metadata))
+        if len(self.items) == 1:
             self._wake()
 
     def _wake(self) -> None:
@@ -152,8 +128,8 @@ class StreamCall:
                     self.abandon()
                 raise self.error
             items = self.items
-            if items and items[0][0]:
-                _, kind, value, metadata = items.popleft()
+            if items:
+                kind, value, metadata = items.popleft()
                 if kind is _ITEM:
                     self.unacked += 1
                     if self.unacked >= self.credit_step:

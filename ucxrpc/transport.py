@@ -1,9 +1,8 @@
-"""Tag-level messaging to one peer over UCX: frames and their data parts.
+"""The seeds' tag-messaging layer: workers, endpoints, tagged messages, statistics.
 
-A :class:`Link` is one direction-pair between this worker and a peer worker: the UCX
-endpoint to the peer, the connection id the peer gave us (we put it in every tag we
-send) and the id we gave the peer (it is in every tag we receive). See
-:mod:`ucxrpc.codec` for the tag layout.
+Messages travel as MESSAGE frames (and data parts) over the same links, protocol
+machines and handshake as the RPC layer (:class:`Link`, :mod:`ucxrpc.protocol`,
+:mod:`ucxrpc.codec`), so they arrive in the order they were sent, per endpoint.
 """
 
 from __future__ import annotations
@@ -12,19 +11,25 @@ import asyncio
 import dataclasses
 import itertools
 import logging
+import secrets
 import time
-from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as _np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from . import codec
-from ._control import answer, initiate, read_message, refuse, serve_control, write_message
-from ._handlers import Priority
+from ._control import (
+    KEY_SIZE,
+    answer,
+    initiate_handshake,
+    read_message,
+    refuse,
+    serve_control,
+    write_message,
+)
 from ._inbox import Inbox, Queued
+from ._link import Link
 from ._sched import PriorityLimiter
 from .codec import Kind
 from .errors import (
@@ -33,157 +38,16 @@ from .errors import (
     DeadlineExceeded,
     InvalidArgument,
     MethodNotFound,
-    ProtocolError,
     ResourceExhausted,
     RpcError,
     Unavailable,
 )
-
-if TYPE_CHECKING:
-    from ._engine import Engine, Op
-    from .manager import Manager
+from .protocol import Priority
+from .runtime import Runtime
 
 __all__ = ["MAX_TAG", "Link", "Message", "Worker", "WorkerConfig", "WorkerStats"]
 
 log = logging.getLogger("ucxrpc.transport")
-
-PartsCallback = Callable[[BaseException | None, list[Any]], None]
-
-
-def _alloc(size: int) -> Any:
-    """A receive buffer for a data part.
-
-    Large buffers come from numpy (``malloc``, not zero-filled: ``bytearray(n)`` would
-    write every page once before UCX writes it again) and are handed out as a
-    memoryview; small ones are bytearrays.
-    """
-    if size < _LARGE:
-        return bytearray(size)
-    return _np.empty(size, dtype=_np.uint8).data.cast("B")
-
-
-_LARGE = 256 * 1024
-
-
-class Link:
-    """Frames and data parts to and from one peer.
-
-    Args:
-        engine: The manager's progress engine.
-        ep: The UCX endpoint to the peer.
-        local_id: The connection id this side assigned (appears in received tags).
-        remote_id: The connection id the peer assigned (put in sent tags).
-        remote_slot: The size of the receives the peer posts for frames it awaits.
-        max_size: The largest message either side accepts.
-        on_error: Called once when a send fails (the peer is gone).
-    """
-
-    def __init__(
-        self,
-        engine: Engine,
-        ep: Any,
-        local_id: int,
-        remote_id: int,
-        remote_slot: int,
-        max_size: int,
-        on_error: Callable[[RpcError], None],
-    ) -> None:
-        self.engine = engine
-        self.ep = ep
-        self.local_id = local_id
-        self.remote_id = remote_id
-        self.remote_slot = remote_slot
-        self.max_size = max_size
-        self._on_error = on_error
-        self.closed = False
-        self.bytes_sent = 0
-        self.bytes_received = 0
-
-    def _send_done(self, exc: BaseException | None) -> None:
-        if exc is not None and not self.closed:
-            self._on_error(exc if isinstance(exc, RpcError) else ConnectionLost(str(exc)))
-
-    def send(
-        self,
-        call_id: int,
-        encoded: codec.Encoded,
-        done: Callable[[BaseException | None], None] | None = None,
-    ) -> None:
-        """Send a frame and its parts for ``call_id``.
-
-        Args:
-            call_id: The call (or, for raw messages, the tag) the frame belongs to.
-            encoded: The frame and its parts.
-            done: Called once every piece has left (with the first error, if any).
-
-        Raises:
-            ConnectionLost: The link is closed or UCX refused the send.
-        """
-        if self.closed:
-            raise ConnectionLost("connection closed")
-        engine, ep, rid = self.engine, self.ep, self.remote_id
-        frame, parts = encoded
-        cb = self._send_done if done is None else self._counting(1 + len(parts), done)
-        engine.send(ep, frame, codec.frame_tag(rid, call_id), cb)
-        self.bytes_sent += len(frame)
-        if parts:
-            for i, part in enumerate(parts, 1):
-                engine.send(ep, part, codec.data_tag(rid, call_id, i), cb)
-            self.bytes_sent += encoded.size - len(frame)
-
-    def _counting(
-        self, pieces: int, done: Callable[[BaseException | None], None]
-    ) -> Callable[[BaseException | None], None]:
-        remaining = pieces
-        first: list[BaseException] = []
-
-        def one(exc: BaseException | None) -> None:
-            nonlocal remaining
-            self._send_done(exc)
-            if exc is not None and not first:
-                first.append(exc)
-            remaining -= 1
-            if remaining == 0:
-                done(first[0] if first else None)
-
-        return one
-
-    def recv_frame(
-        self, call_id: int, cb: Callable[[BaseException | None], None], buf: bytearray
-    ) -> Op:
-        """Post a receive of the next frame for ``call_id`` into ``buf`` (a slot)."""
-        return self.engine.recv(buf, codec.frame_tag(self.local_id, call_id), cb)
-
-    def recv_parts(self, call_id: int, sizes: tuple[int, ...], cb: PartsCallback) -> None:
-        """Receive the data parts announced by a frame, each at its exact size."""
-        bufs = [_alloc(n) for n in sizes]
-        remaining = len(bufs)
-        failed: list[BaseException] = []
-
-        def one_done(exc: BaseException | None) -> None:
-            nonlocal remaining
-            remaining -= 1
-            if exc is not None:
-                failed.append(exc)
-            if remaining == 0:
-                self.bytes_received += sum(sizes)
-                cb(failed[0] if failed else None, bufs)
-
-        for i, buf in enumerate(bufs, 1):
-            self.engine.recv(buf, codec.data_tag(self.local_id, call_id, i), one_done)
-
-    def then_parts(self, call_id: int, sizes: tuple[int, ...], cb: PartsCallback) -> None:
-        """Receive the data parts a frame announced, if any, then call ``cb(exc, parts)``."""
-        if sizes:
-            self.recv_parts(call_id, sizes, cb)
-        else:
-            cb(None, [])
-
-    def drain_parts(self, call_id: int, count: int) -> None:
-        """Consume and discard ``count`` data parts of a frame nobody waits for."""
-        for i in range(1, count + 1):
-            self.engine.drain(codec.data_tag(self.local_id, call_id, i))
-
 
 # -- the messaging layer ---------------------------------------------------------------------
 
@@ -313,67 +177,35 @@ class WorkerStats:
 
 
 class _Peer:
-    """One connected endpoint of a :class:`Worker`."""
+    """One connected endpoint of a :class:`Worker` (the owner of its link)."""
 
     def __init__(self, worker: Worker, label: str, writer: asyncio.StreamWriter) -> None:
         self.worker = worker
         self.label = label
         self.writer = writer
-        self.link: Link = None  # type: ignore[assignment]  # set once the handshake is done
+        self.link: Link | None = None
         self.id = 0  # the endpoint id users see (small, per worker)
-        self.conn_id = 0  # the connection id in received tags (per UCX worker)
-        # Frames in arrival order: [ready, tag, data]; delivered in order once ready.
-        self._arrivals: deque[list[Any]] = deque()
 
-    def on_frame(self, tag: int, buf: bytearray) -> None:
-        link = self.link
-        try:
-            header, payload = codec.decode_header(buf, max_size=link.max_size)
-        except RpcError as exc:
-            self.worker._refused(f"malformed message from endpoint {self.id}: {exc}")
-            return
+    def deliver(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
         if header.kind is not Kind.MESSAGE:
             self.worker._refused(f"unexpected {header.kind.name} frame from endpoint {self.id}")
-            if header.parts:
-                link.drain_parts(tag, len(header.parts))
             return
-        link.bytes_received += len(buf)
-        entry: list[Any] = [False, tag, b""]
-        self._arrivals.append(entry)
-        link.then_parts(
-            tag, header.parts, lambda exc, parts: self._ready(entry, header, payload, parts, exc)
-        )
+        try:
+            data = codec.decode_payload(header, payload, parts)
+        except RpcError as exc:
+            self.worker._refused(f"undecodable message from endpoint {self.id}: {exc}")
+            return
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            self.worker._refused(f"undecodable message from endpoint {self.id}: {data!r}")
+            return
+        self.worker._delivered(self.id, header.call_id, bytes(data))
 
-    def _ready(
-        self,
-        entry: list[Any],
-        header: codec.Header,
-        payload: memoryview,
-        parts: list[Any],
-        exc: BaseException | None,
-    ) -> None:
-        data: Any = None
-        if exc is None:
-            try:
-                data = codec.decode_payload(header, payload, parts)
-            except RpcError as err:
-                exc = err
-        if exc is not None or not isinstance(data, (bytes, bytearray, memoryview)):
-            self.worker._refused(f"undecodable message from endpoint {self.id}: {exc or data!r}")
-            entry[0], entry[2] = True, None
-        else:
-            entry[0], entry[2] = True, data if type(data) is bytes else bytes(data)
-        arrivals = self._arrivals
-        while arrivals and arrivals[0][0]:
-            _, tag, ready = arrivals.popleft()
-            if ready is not None:
-                self.worker._delivered(self.id, tag, ready)
+    def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
+        self.worker._refused(f"message on tag {call_id} from endpoint {self.id} refused: {error}")
 
-    def on_oversized(self, tag: int, size: int) -> None:
-        self.worker._refused(
-            f"message of {size} bytes on tag {tag} from endpoint {self.id} exceeds "
-            f"max_message_size ({self.worker.manager.config.max_message_size})"
-        )
+    def broken(self, error: RpcError) -> None:
+        self.worker._refused(f"endpoint {self.id} broke the protocol: {error}")
+        asyncio.get_running_loop().create_task(self.worker._detach(self, lost=True))
 
 
 class Worker:
@@ -392,14 +224,12 @@ class Worker:
     """
 
     def __init__(
-        self, config: WorkerConfig | None = None, *, manager: Manager | None = None
+        self, config: WorkerConfig | None = None, *, manager: Runtime | None = None
     ) -> None:
         self.config = config or WorkerConfig()
         self._own_manager = manager is None
         if manager is None:
-            from .manager import Manager
-
-            manager = Manager(
+            manager = Runtime(
                 progress_mode=self.config.progress_mode,
                 spin_us=self.config.progress_interval_us,
             )
@@ -453,25 +283,24 @@ class Worker:
         label = f"{peer_name[0]}:{peer_name[1]}" if isinstance(peer_name, tuple) else "?"
         peer = _Peer(self, label, writer)
 
+        key = secrets.token_bytes(KEY_SIZE)
+
         def open_conn(hello: dict[str, Any]) -> int:
             if hello.get("role") != "messages":
                 raise MethodNotFound(
                     "this is a messaging endpoint (ucxrpc.transport.Worker), not an RPC "
                     "server: connect with Worker.connect()"
                 )
-            addr, cid = hello.get("addr"), hello.get("cid")
-            if (
-                not isinstance(addr, bytes)
-                or type(cid) is not int
-                or not 0 < cid <= codec.MAX_CONN_ID
-            ):
-                raise ProtocolError("malformed hello")
-            self._attach(peer, addr, cid, hello.get("max"))
-            return peer.conn_id
+            link = manager.open_link(peer, key)
+            peer.link = link
+            self._attach(peer, hello["addr"], hello["cid"], hello["key"], hello["max"])
+            return link.local_id
 
         clean = False
         try:
-            if await answer(reader, writer, manager.config, manager.worker_address, open_conn):
+            if await answer(
+                reader, writer, manager.config, manager.worker_address, open_conn, key=key
+            ):
                 clean = await serve_control(reader, writer)
         except RpcError as exc:
             refuse(writer, exc)
@@ -494,17 +323,18 @@ class Worker:
             async with asyncio.timeout(limit):
                 reader, writer = await asyncio.open_connection(host, port)
                 peer = _Peer(self, f"{host}:{port}", writer)
-                peer.conn_id = self.manager.register(peer)
-                addr, cid, peer_max = await initiate(
+                link = peer.link = self.manager.open_link(peer)
+                hs = await initiate_handshake(
                     reader,
                     writer,
                     self.manager.config,
                     self.manager.worker_address,
-                    peer.conn_id,
+                    link.local_id,
                     {"role": "messages"},
                     peer.label,
+                    key=link.key,
                 )
-                self._attach(peer, addr, cid, peer_max)
+                self._attach(peer, hs.peer_address, hs.peer_conn_id, hs.peer_key, hs.peer_max)
         except BaseException as exc:
             if peer is not None:
                 await self._detach(peer, lost=False)
@@ -520,24 +350,13 @@ class Worker:
         task.add_done_callback(self._tasks.discard)
         return peer.id
 
-    def _attach(self, peer: _Peer, addr: bytes, remote_id: int, peer_max: Any) -> None:
-        manager = self.manager
-        max_size = manager.config.max_message_size
-        if type(peer_max) is int and peer_max > 0:
-            max_size = min(max_size, peer_max)
-        if not peer.conn_id:
-            peer.conn_id = manager.register(peer)
-        ep = manager.endpoint_to(addr)
+    def _attach(
+        self, peer: _Peer, addr: bytes, remote_id: int, peer_key: bytes, peer_max: int
+    ) -> None:
+        link = peer.link
+        assert link is not None
+        link.connect(self.manager.endpoint_to(addr), remote_id, peer_key, peer_max)
         peer.id = next(self._ids)
-        peer.link = Link(
-            manager.engine,
-            ep,
-            peer.conn_id,
-            remote_id,
-            0,
-            max_size,
-            lambda exc: self._send_failed(peer, exc),
-        )
         self._peers[peer.id] = peer
 
     async def _watch(self, peer: _Peer, reader: asyncio.StreamReader) -> None:
@@ -551,18 +370,15 @@ class Worker:
             pass
         await self._detach(peer, lost=not clean)
 
-    def _send_failed(self, peer: _Peer, exc: RpcError) -> None:
-        self._errors += 1
-        log.info("sending to endpoint %d failed: %s", peer.id, exc)
-
     async def _detach(self, peer: _Peer, *, lost: bool) -> None:
         if peer.id and self._peers.get(peer.id) is peer:
             del self._peers[peer.id]
             if lost and not self._closed:
                 self._errors += 1
             self._inbox.fail(peer.id, ConnectionLost(f"endpoint {peer.id} ({peer.label}) is gone"))
-        if peer.conn_id:
-            self.manager.unregister(peer.conn_id)
+        link = peer.link
+        if link is not None:
+            self.manager.unregister(link.local_id)
         writer = peer.writer
         if not writer.is_closing():
             try:
@@ -570,9 +386,9 @@ class Worker:
             except (OSError, RuntimeError):
                 pass
             writer.close()
-        if peer.link is not None and not peer.link.closed:
-            peer.link.closed = True
-            await self.manager.close_endpoint(peer.link.ep)
+        if link is not None and link.ep is not None:
+            ep, link.ep = link.ep, None
+            await self.manager.close_endpoint(ep)
 
     def is_connected(self, endpoint_id: int) -> bool:
         """True while ``endpoint_id`` is connected."""
@@ -643,6 +459,8 @@ class Worker:
             await self._gate.acquire(priority)
         try:
             link = peer.link
+            if link is None or link.closed:
+                raise ConnectionLost(f"endpoint {endpoint_id} is closed")
             encoded = codec.encode(
                 Kind.MESSAGE,
                 tag,

@@ -1,0 +1,249 @@
+"""One connection's data path: the protocol machines joined to a UCX endpoint.
+
+A :class:`Link` is the I/O side of one connection. It feeds what the engine found for
+this connection (frames, probed parts) into the connection's :class:`Inbound` machine
+and carries out the actions it answers with (receive a part, discard one, deliver a
+frame to the owner, fail a call, drop the connection). Sends go through the
+connection's :class:`Outbound` machine, which numbers and tags them.
+
+Coalescing: the first frame sent in a loop iteration leaves at once; frames sent
+while that send's flush is pending (the rest of the iteration) are queued and leave
+together as one BATCH message. A lone frame therefore costs no added latency, and a
+burst costs one UCX message.
+
+Buffers: a send keeps a reference to each buffer until UCX reports it sent (the
+engine's op holds it), so a caller may reuse a buffer it passed once the awaited call
+or ``send_tag`` returned; a notification or a stream item may be reused once the next
+call on the connection has been made. A receive buffer is handed to the owner only
+after UCX completed the receive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as _np
+
+from . import codec
+from .codec import Header, Kind
+from .errors import ConnectionLost, ProtocolError, RpcError
+from .protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+__all__ = ["Link", "Owner", "key_parts"]
+
+log = logging.getLogger("ucxrpc")
+
+Done = Callable[[BaseException | None], None]
+_LARGE = 256 * 1024
+
+
+class Owner(Protocol):
+    """What a link delivers to (a server connection, a client, a messaging peer)."""
+
+    def deliver(self, header: Header, payload: memoryview, parts: list[Any]) -> None:
+        """The next frame from the peer, in order, with its parts."""
+
+    def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
+        """The next frame from the peer could not be used (fail that call only)."""
+
+    def broken(self, error: RpcError) -> None:
+        """The connection cannot go on (a protocol violation or a failed send)."""
+
+
+def key_parts(key: bytes) -> tuple[int, int]:
+    """A 16-byte connection key as ``(secret, data-tag key)``."""
+    return int.from_bytes(key[:8], "big"), int.from_bytes(key[8:13], "big")
+
+
+def _alloc(size: int) -> Any:
+    """A part's receive buffer.
+
+    Large buffers come from numpy (``malloc``, not zero-filled: UCX writes every byte
+    before the buffer is handed out, and ``bytearray(n)`` would write each page once
+    more) and are handed out as a memoryview; small ones are bytearrays.
+    """
+    if size < _LARGE:
+        return bytearray(size)
+    return _np.empty(size, dtype=_np.uint8).data.cast("B")
+
+
+class Link:
+    """Frames and data parts to and from one peer.
+
+    Args:
+        engine: The manager's progress engine.
+        local_id: The connection id this side assigned (in the tags it receives).
+        local_key: This side's 16-byte key (the secret in frames it receives).
+        owner: Receives what arrives.
+        budget: Limits on what the peer may have announced and not delivered.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        local_id: int,
+        local_key: bytes,
+        owner: Owner,
+        budget: Budget,
+    ) -> None:
+        self.engine = engine
+        self.local_id = local_id
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.key = local_key
+        secret, key = key_parts(local_key)
+        self.inbound = Inbound(local_id, secret, key, budget, alloc=_alloc, clock=self.loop.time)
+        self.outbound: Outbound | None = None
+        self.ep: Any = None
+        self.remote_id = 0
+        self.max_size = budget.max_message
+        self.closed = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self._flush_pending = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connect(self, ep: Any, remote_id: int, peer_key: bytes, max_size: int) -> None:
+        """Join the link to the peer's endpoint once the handshake is done."""
+        secret, key = key_parts(peer_key)
+        self.ep = ep
+        self.remote_id = remote_id
+        self.outbound = Outbound(remote_id, secret, key)
+        self.max_size = min(self.max_size, max_size)
+
+    # -- arrivals (from the manager's router) ----------------------------------------------
+
+    def on_frame(self, tag: int, buf: bytearray) -> None:
+        """A frame for this connection arrived."""
+        self.bytes_received += len(buf)
+        self.inbound.on_frame(tag, buf)
+        self._act()
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        """A data part for this connection waits in UCX."""
+        self.inbound.on_part(tag, length, handle)
+        self._act()
+
+    def on_oversized(self, tag: int, length: int) -> None:
+        """The peer sent a frame longer than any frame may be."""
+        self._broken(ProtocolError(f"the peer sent a {length}-byte frame"))
+
+    def _act(self) -> None:
+        inbound = self.inbound
+        owner = self.owner
+        for action in inbound.take():
+            if type(action) is Deliver:
+                owner.deliver(action.header, action.payload, action.parts)
+            elif type(action) is Receive:
+                self.bytes_received += len(action.buffer)
+                self.engine.receive(action.handle, action.buffer, self._part_done(action.token))
+            elif type(action) is Discard:
+                self.engine.discard(action.handle, action.length)
+            elif type(action) is Fail:
+                owner.failed(action.call_id, action.kind, action.error)
+            elif type(action) is Violation:
+                self._broken(action.error)
+        if inbound.awaited_parts and self._timer is None and not self.closed:
+            self._timer = self.loop.call_later(inbound.budget.part_timeout / 2, self._expire)
+
+    def _part_done(self, token: Any) -> Done:
+        def done(exc: BaseException | None) -> None:
+            self.inbound.on_part_done(token, exc is None)
+            self._act()
+
+        return done
+
+    def _expire(self) -> None:
+        self._timer = None
+        if not self.closed:
+            self.inbound.expire(self.loop.time())
+            self._act()
+
+    def _broken(self, error: RpcError) -> None:
+        if not self.closed:
+            log.info("ucxrpc: connection %d broken: %s", self.local_id, error)
+            self.owner.broken(error)
+
+    # -- sending --------------------------------------------------------------------------
+
+    def send(self, call_id: int, encoded: codec.Encoded, done: Done | None = None) -> None:
+        """Send a frame and its parts for ``call_id``.
+
+        Args:
+            call_id: The call (or, for raw messages, the tag) the frame belongs to.
+            encoded: The frame and its parts.
+            done: Called once every piece has left (with the first error, if any);
+                such a frame is not coalesced.
+
+        Raises:
+            ConnectionLost: The link is closed or UCX refused the send.
+        """
+        outbound = self.outbound
+        if self.closed or outbound is None:
+            raise ConnectionLost("connection closed")
+        self.bytes_sent += encoded.size
+        if done is not None:
+            if outbound.queued:
+                self._flush()
+            self._put(outbound.send(call_id, encoded), done)
+        elif self._flush_pending:
+            outbound.queue(call_id, encoded)
+        else:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+            self._put(outbound.send(call_id, encoded), None)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        outbound = self.outbound
+        if outbound is not None and outbound.queued and not self.closed:
+            try:
+                self._put(outbound.flush(), None)
+            except RpcError as exc:
+                self._broken(exc)
+
+    def _put(self, messages: list[tuple[int, Any]], done: Done | None) -> None:
+        engine, ep = self.engine, self.ep
+        cb = self._sent if done is None else self._counting(len(messages), done)
+        for tag, buf in messages:
+            engine.send(ep, buf, tag, cb)
+
+    def _sent(self, exc: BaseException | None) -> None:
+        if exc is not None:
+            self._broken(exc if isinstance(exc, RpcError) else ConnectionLost(str(exc)))
+
+    def _counting(self, pieces: int, done: Done) -> Done:
+        remaining = pieces
+        first: list[BaseException] = []
+
+        def one(exc: BaseException | None) -> None:
+            nonlocal remaining
+            self._sent(exc)
+            if exc is not None and not first:
+                first.append(exc)
+            remaining -= 1
+            if remaining == 0:
+                done(first[0] if first else None)
+
+        return one
+
+    # -- shutdown -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop delivering and sending; throw away parts held for frames not yet seen."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.inbound.close()
+        for action in self.inbound.take():
+            if type(action) is Discard:
+                self.engine.discard(action.handle, action.length)

@@ -1,0 +1,422 @@
+"""The receiving half of one connection, as a pure state machine.
+
+UCX hands the I/O layer two kinds of arrivals, in whatever order it completes them:
+frames (each a whole UCX message, found by a probe) and data parts (found by a probe
+that reports their length, then received). This machine turns them into frames
+delivered in the order the peer sent them, each with exactly the parts it announced,
+or into a failure of that one call. It never touches UCX: it is fed events and
+answers with actions that the I/O layer carries out.
+
+Events::
+
+    on_frame(tag, buf)              a frame arrived (all its bytes)
+    on_part(tag, length, handle)    a data part is waiting in UCX (not yet received)
+    on_part_done(token, ok)         a part receive the machine asked for completed
+    expire(now)                     time passed (frames waiting too long for parts)
+
+Actions (``take()``)::
+
+    Receive(handle, buffer, token)  receive the part into buffer; report on_part_done
+    Discard(handle, length)         consume the part and throw it away
+    Deliver(header, payload, parts) the next frame, in order, with its parts
+    Fail(call_id, kind, error)      the next frame was unusable: fail that call only
+    Violation(error)                the peer broke the protocol: close the connection
+
+What holds by construction:
+
+* frames are delivered in seq order; a frame waits for every part it announced;
+* a part is bound to one frame and part index by its tag, and is received only after
+  its length was checked against the announcement: a short or long part fails its
+  call and no buffer UCX did not fill is ever delivered;
+* a frame whose secret is not this connection's is dropped and counted (no action,
+  no receive, nothing sent back);
+* the bytes and parts a peer may have announced and not yet delivered are bounded
+  (``budget``), and checked before any buffer is allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final, NamedTuple
+
+from .. import codec
+from ..codec import Header, Kind
+from ..errors import ProtocolError, ResourceExhausted, RpcError
+
+__all__ = [
+    "Action",
+    "Budget",
+    "Deliver",
+    "Discard",
+    "Fail",
+    "Inbound",
+    "Receive",
+    "Violation",
+]
+
+
+class Receive(NamedTuple):
+    """Receive the probed part ``handle`` into ``buffer``; report ``on_part_done(token)``."""
+
+    handle: Any
+    buffer: Any
+    token: Any
+
+
+class Discard(NamedTuple):
+    """Consume the probed part ``handle`` (``length`` bytes) and drop it."""
+
+    handle: Any
+    length: int
+
+
+class Deliver(NamedTuple):
+    """The next frame in order, with the buffers of its parts."""
+
+    header: Header
+    payload: memoryview
+    parts: list[Any]
+
+
+class Fail(NamedTuple):
+    """The next frame in order could not be used: fail call ``call_id`` with ``error``.
+
+    ``kind`` is the frame's kind when its prefix named a known one, else None.
+    """
+
+    call_id: int
+    kind: Kind | None
+    error: RpcError
+
+
+class Violation(NamedTuple):
+    """The peer broke the protocol in a way that leaves the connection unusable."""
+
+    error: ProtocolError
+
+
+Action = Receive | Discard | Deliver | Fail | Violation
+
+
+class Budget(NamedTuple):
+    """Per-connection limits on what a peer may have announced and not delivered.
+
+    Attributes:
+        max_message: The largest message (frame plus parts) accepted.
+        max_bytes: Part bytes announced by frames not yet delivered.
+        max_parts: Parts announced and not yet arrived.
+        max_ahead: Frames received ahead of the next one in order.
+        max_early: Parts that arrived before their frame (held, not received).
+        part_timeout: Seconds a frame may wait for its parts.
+    """
+
+    max_message: int = 256 * 1024 * 1024
+    max_bytes: int = 1024 * 1024 * 1024
+    max_parts: int = 4096
+    max_ahead: int = 4096
+    max_early: int = 256
+    part_timeout: float = 30.0
+
+
+DEFAULT_BUDGET: Final = Budget()
+
+
+class _Entry:
+    """A frame received and not yet delivered."""
+
+    __slots__ = ("bytes", "call_id", "error", "header", "kind", "missing", "parts", "payload")
+
+    def __init__(self, call_id: int, kind: Kind | None) -> None:
+        self.call_id = call_id
+        self.kind = kind
+        self.header: Header | None = None
+        self.payload: memoryview = memoryview(b"")
+        self.parts: list[Any] = []
+        self.missing = 0
+        self.bytes = 0
+        self.error: RpcError | None = None
+
+
+class _Expected:
+    """A part announced by a frame and not yet arrived."""
+
+    __slots__ = ("entry", "index", "since", "size")
+
+    def __init__(self, entry: _Entry, index: int, size: int, since: float) -> None:
+        self.entry = entry
+        self.index = index
+        self.size = size
+        self.since = since
+
+
+_KINDS = {int(k): k for k in Kind}
+_SEQ_MASK = codec.SEQ_MOD - 1
+
+
+def default_alloc(size: int) -> Any:
+    """A receive buffer of ``size`` bytes (zero-filled; UCX overwrites all of it)."""
+    return bytearray(size)
+
+
+class Inbound:
+    """The receiving state of one connection.
+
+    Args:
+        conn_id: This side's id of the connection (in the tags it receives).
+        secret: The 64-bit secret every frame for this connection carries.
+        key: The 40-bit key that masks its data tags.
+        budget: The limits (see :class:`Budget`).
+        alloc: Makes a part's receive buffer of a given size.
+        clock: The current time in seconds (for part timeouts).
+    """
+
+    def __init__(
+        self,
+        conn_id: int,
+        secret: int,
+        key: int,
+        budget: Budget = DEFAULT_BUDGET,
+        *,
+        alloc: Callable[[int], Any] = default_alloc,
+        clock: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.conn_id = conn_id
+        self.secret = secret
+        self.key = key & codec.KEY_MASK
+        self.budget = budget
+        self._alloc = alloc
+        self._clock = clock
+        self._next = 0
+        self._entries: dict[int, _Entry] = {}
+        self._expected: dict[int, _Expected] = {}
+        self._early: dict[int, tuple[int, Any, float]] = {}
+        self._bytes = 0
+        self._actions: list[Action] = []
+        self.broken: ProtocolError | None = None
+        #: Frames dropped because they carried another connection's secret.
+        self.dropped = 0
+        #: Frames delivered (or failed) in order so far.
+        self.delivered = 0
+
+    # -- state, for the I/O layer and tests ----------------------------------------------
+
+    @property
+    def next_seq(self) -> int:
+        """The seq of the next frame to deliver."""
+        return self._next
+
+    @property
+    def waiting_frames(self) -> int:
+        """Frames received and not yet delivered."""
+        return len(self._entries)
+
+    @property
+    def awaited_parts(self) -> int:
+        """Parts announced and not yet arrived (or held before their frame)."""
+        return len(self._expected) + len(self._early)
+
+    @property
+    def announced_bytes(self) -> int:
+        """Part bytes announced by frames not yet delivered."""
+        return self._bytes
+
+    def take(self) -> list[Action]:
+        """The actions produced since the last call, in order."""
+        out, self._actions = self._actions, []
+        return out
+
+    # -- events ---------------------------------------------------------------------------
+
+    def on_frame(self, tag: int, buf: Any) -> None:
+        """A frame arrived on ``tag`` (a frame tag of this connection)."""
+        if self.broken is not None:
+            return
+        if len(buf) < codec.PREFIX_SIZE:
+            # Too short to carry a secret: nobody can be blamed for it.
+            self.dropped += 1
+            return
+        prefix = codec.peek(buf)
+        if prefix.secret != self.secret:
+            self.dropped += 1
+            return
+        if prefix.call_id != (tag >> 8) & codec.MAX_CALL_ID:
+            self._violation(
+                f"frame for call {prefix.call_id} arrived on the tag of call "
+                f"{(tag >> 8) & codec.MAX_CALL_ID}"
+            )
+            return
+        if prefix.kind == Kind.BATCH:
+            try:
+                header, payload = codec.decode_header(buf)
+                inner = codec.split_batch(payload)
+            except ProtocolError as exc:
+                self._violation(f"malformed batch: {exc}")
+                return
+            del header
+            for frame in inner:
+                sub = codec.peek(frame)
+                if sub.secret != self.secret:
+                    self._violation("a frame inside a batch carries another secret")
+                    return
+                self._frame(frame, sub)
+                if self.broken is not None:
+                    return
+        else:
+            self._frame(buf, prefix)
+        self._flush()
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        """A data part of ``length`` bytes is waiting in UCX under ``tag``."""
+        if self.broken is not None:
+            self._actions.append(Discard(handle, length))
+            return
+        expected = self._expected.pop(tag, None)
+        if expected is None:
+            if len(self._early) >= self.budget.max_early or tag in self._early:
+                self._actions.append(Discard(handle, length))
+                return
+            self._early[tag] = (length, handle, self._clock())
+            return
+        self._arrived(expected, length, handle)
+        self._flush()
+
+    def on_part_done(self, token: Any, ok: bool) -> None:
+        """A :class:`Receive` completed (``ok``) or failed."""
+        entry, index = token
+        entry.missing -= 1
+        if not ok and entry.error is None:
+            entry.error = ProtocolError(f"data part {index + 1} of call {entry.call_id} failed")
+        self._flush()
+
+    def expire(self, now: float) -> None:
+        """Fail frames that waited longer than ``part_timeout`` for a part, and drop
+        parts held that long before their frame."""
+        limit = now - self.budget.part_timeout
+        for tag in [t for t, e in self._expected.items() if e.since <= limit]:
+            expected = self._expected.pop(tag)
+            entry = expected.entry
+            entry.missing -= 1
+            if entry.error is None:
+                entry.error = ProtocolError(
+                    f"data part {expected.index + 1} of call {entry.call_id} did not arrive "
+                    f"within {self.budget.part_timeout} s"
+                )
+        for tag in [t for t, (_, _, since) in self._early.items() if since <= limit]:
+            length, handle, _ = self._early.pop(tag)
+            self._actions.append(Discard(handle, length))
+        self._flush()
+
+    def close(self) -> None:
+        """The connection is closing: discard every part held before its frame."""
+        for length, handle, _ in self._early.values():
+            self._actions.append(Discard(handle, length))
+        self._early.clear()
+        self._expected.clear()
+        self._entries.clear()
+        self._bytes = 0
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _violation(self, message: str) -> None:
+        self.broken = ProtocolError(message)
+        self._actions.append(Violation(self.broken))
+
+    def _frame(self, buf: Any, prefix: codec.Prefix) -> None:
+        seq = prefix.seq
+        ahead = (seq - self._next) & _SEQ_MASK
+        if ahead >= self.budget.max_ahead:
+            self._violation(f"frame {seq} is out of the window (next is {self._next})")
+            return
+        if seq in self._entries:
+            self._violation(f"frame {seq} arrived twice")
+            return
+        entry = _Entry(prefix.call_id, _KINDS.get(prefix.kind))
+        self._entries[seq] = entry
+        try:
+            header, payload = codec.decode_header(buf)
+        except ProtocolError as exc:
+            entry.error = exc
+            return
+        if header.kind is Kind.BATCH:
+            self._violation("a batch inside a batch")
+            return
+        entry.header, entry.payload = header, payload
+        sizes = header.parts
+        if not sizes:
+            return
+        total = sum(sizes)
+        budget = self.budget
+        if total + len(buf) > budget.max_message:
+            entry.error = ResourceExhausted(
+                f"message of {total + len(buf)} bytes exceeds the limit of "
+                f"{budget.max_message} bytes"
+            )
+            return
+        if self._bytes + total > budget.max_bytes or (
+            len(self._expected) + len(sizes) > budget.max_parts
+        ):
+            # Refused before anything is allocated or remembered: should the parts
+            # come anyway, they are held as strangers' (bounded) and thrown away.
+            entry.error = ResourceExhausted(
+                f"call {prefix.call_id}: {total} bytes in {len(sizes)} parts exceed what "
+                f"this connection may have in flight ({budget.max_bytes} bytes, "
+                f"{budget.max_parts} parts)"
+            )
+            return
+        entry.bytes = total
+        self._bytes += total
+        entry.parts = [None] * len(sizes)
+        entry.missing = len(sizes)
+        now = self._clock()
+        conn, key = self.conn_id, self.key
+        for i, size in enumerate(sizes):
+            tag = codec.data_tag(conn, key, seq, i + 1)
+            expected = _Expected(entry, i, size, now)
+            early = self._early.pop(tag, None)
+            if early is None:
+                self._expected[tag] = expected
+            else:
+                self._arrived(expected, early[0], early[1])
+
+    def _arrived(self, expected: _Expected, length: int, handle: Any) -> None:
+        entry = expected.entry
+        if entry.error is not None:
+            self._actions.append(Discard(handle, length))
+            entry.missing -= 1
+            return
+        if length != expected.size:
+            entry.error = ProtocolError(
+                f"data part {expected.index + 1} of call {entry.call_id} is {length} bytes; "
+                f"its frame announced {expected.size}"
+            )
+            self._actions.append(Discard(handle, length))
+            entry.missing -= 1
+            return
+        buf = self._alloc(length)
+        entry.parts[expected.index] = buf
+        self._actions.append(Receive(handle, buf, (entry, expected.index)))
+
+    def _flush(self) -> None:
+        entries = self._entries
+        while True:
+            entry = entries.get(self._next)
+            if entry is None or (entry.missing > 0 and entry.error is None):
+                return
+            if entry.error is not None:
+                # Deliver the failure now; parts still on their way stay expected and
+                # are discarded when they come (or when they time out).
+                self._release(entry)
+                self._actions.append(Fail(entry.call_id, entry.kind, entry.error))
+            elif entry.missing == 0:
+                header = entry.header
+                assert header is not None
+                self._bytes -= entry.bytes
+                self._actions.append(Deliver(header, entry.payload, entry.parts))
+            del entries[self._next]
+            self._next = (self._next + 1) & _SEQ_MASK
+            self.delivered += 1
+
+    def _release(self, entry: _Entry) -> None:
+        self._bytes -= entry.bytes
+        entry.bytes = 0
+        entry.parts = []
