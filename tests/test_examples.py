@@ -116,3 +116,18 @@ def test_nested_deadline() -> None:
     )
     assert [m[1] for m in cancelled] == ["A", "B", "C"]
     assert all(0.29 <= float(m[2]) < 2.0 for m in cancelled)
+
+
+def test_call_kinds() -> None:
+    lines, _ = run_example("call_kinds.py")
+    assert lines == [
+        "unary: 10.0",
+        "server streaming: [20.0, 21.0, 22.0]",
+        "client streaming: count=3 mean=3.0",
+        "bidirectional: ['s1 at 9.0', 's3 at 12.0', 'done']",
+        "by name: {'count': 1, 'mean': 4.0}",
+        "  sensors.v1.alarms: bidi",
+        "  sensors.v1.replay: stream",
+        "  sensors.v1.scale: unary",
+        "  sensors.v1.summarize: client_stream",
+    ]

@@ -309,6 +309,7 @@ class Engine:
                 req = worker.tag_recv_with_handle(Array(buf), probe)
             except Exception as err:
                 self._failed("frame receive", err)
+                self.discard(probe, size)  # consume it all the same
                 continue
             self._track(req, self._frame_done(tag, buf), buf, True)
         return found
@@ -337,6 +338,7 @@ class Engine:
                 router.on_part(probe.sender_tag.value, probe.length, probe)
             except Exception as err:
                 self._failed("part", err)
+                self.discard(probe, probe.length)  # a no-op if it was consumed already
         return found
 
     # -- shutdown -------------------------------------------------------------------------

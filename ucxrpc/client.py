@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -13,7 +14,7 @@ from ._handlers import Priority
 from ._link import Link
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
-from .codec import Kind
+from .codec import Flags, Kind
 from .context import CallContext, CallKind, Metadata, call_deadline
 from .errors import (
     Cancelled,
@@ -30,7 +31,7 @@ from .liveness import KeepAlive, Reconnect
 from .protocol import CallIds
 from .reflection import DESCRIBE_METHOD, ServerDescription
 from .service import Service, make_stub
-from .stream import Stream, StreamCall
+from .stream import Pump, Stream, StreamCall, is_input_stream
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -68,6 +69,39 @@ class _Live:
         return call_id in c._pending or call_id in c._streams
 
 
+def _fail(fut: asyncio.Future[Any], exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _has_input(args: Sequence[Any], kwargs: dict[str, Any]) -> bool:
+    return any(map(is_input_stream, args)) or any(map(is_input_stream, kwargs.values()))
+
+
+def _take_input(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], Any]:
+    """Take the async iterable a caller streams into the call out of its arguments.
+
+    Returns:
+        The arguments with the iterable replaced by None, and the iterable (or None).
+
+    Raises:
+        InvalidArgument: More than one async iterable was passed.
+    """
+    found = [i for i, a in enumerate(args) if is_input_stream(a)]
+    named = [k for k, v in kwargs.items() if is_input_stream(v)]
+    if not found and not named:
+        return args, kwargs, None
+    if len(found) + len(named) > 1:
+        raise InvalidArgument("a call takes at most one stream of items (one async iterable)")
+    if found:
+        (i,) = found
+        return (*args[:i], None, *args[i + 1 :]), kwargs, args[i]
+    (k,) = named
+    return args, {**kwargs, k: None}, kwargs[k]
+
+
 def _check_metadata(metadata: Mapping[str, Any] | None) -> Metadata | None:
     if not metadata:
         return None
@@ -99,6 +133,7 @@ class Client:
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, _Call] = {}
         self._streams: dict[int, StreamCall] = {}
+        self._pumps: dict[int, Pump] = {}
         self._interceptors: list[Interceptor] = list(interceptors)
         self._ids = CallIds(codec.MAX_CALL_ID)
         self._live = _Live(self)
@@ -381,6 +416,7 @@ class Client:
         priority: int | None,
         timeout: float | None,
         metadata: Metadata | None,
+        flags: int = 0,
     ) -> codec.Encoded:
         link = self.link
         assert link is not None
@@ -389,6 +425,7 @@ class Client:
                 kind,
                 call_id,
                 [list(args), kwargs],
+                flags=flags,
                 method=method,
                 priority=None if priority is None else int(priority),
                 timeout=timeout,
@@ -451,7 +488,8 @@ class Client:
         **kwargs: Any,
     ) -> tuple[Any, Metadata]:
         """Like :meth:`call`, and also return the metadata the server sent back."""
-        ctx = self._context("unary", method, args, kwargs, timeout, priority, metadata)
+        kind: CallKind = "client_stream" if _has_input(args, kwargs) else "unary"
+        ctx = self._context(kind, method, args, kwargs, timeout, priority, metadata)
         value = await self._run(ctx)
         return value, ctx.response_metadata
 
@@ -490,8 +528,9 @@ class Client:
         idempotent: bool = False,
     ) -> Any:
         if self._interceptors:
+            kind: CallKind = "client_stream" if _has_input(args, kwargs) else "unary"
             ctx = self._context(
-                "unary", method, args, kwargs, timeout, priority, metadata, idempotent
+                kind, method, args, kwargs, timeout, priority, metadata, idempotent
             )
             return await self._run(ctx)
         return await self._send_call(
@@ -545,8 +584,17 @@ class Client:
                 raise self._lost_error()
             call_id = self._ids.allocate(self._live, len(self._pending) + len(self._streams))
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            args, kwargs, source = _take_input(args, kwargs)
             encoded = self._encode(
-                Kind.REQUEST, call_id, method, args, kwargs, priority, remaining, metadata
+                Kind.REQUEST,
+                call_id,
+                method,
+                args,
+                kwargs,
+                priority,
+                remaining,
+                metadata,
+                0 if source is None else Flags.INPUT_STREAM,
             )
             fut: asyncio.Future[Any] = loop.create_future()
             call = _Call(call_id, fut)
@@ -555,8 +603,11 @@ class Client:
             self._pending[call_id] = call
             if deadline is not None:
                 call.timer = loop.call_at(deadline, self._expire, call, method)
+            pump = None
             try:
                 link.send(call_id, encoded)
+                if source is not None:
+                    pump = self._pump(call_id, source, functools.partial(_fail, fut))
                 return await fut
             except asyncio.CancelledError:
                 self._abandon(call, cancel=True)
@@ -566,6 +617,9 @@ class Client:
                 self._abandon(call, cancel=False)
                 raise
             finally:
+                if pump is not None:
+                    pump.stop()
+                    self._pumps.pop(call_id, None)
                 if call.timer is not None:
                     call.timer.cancel()
                 self._pending.pop(call_id, None)
@@ -573,6 +627,36 @@ class Client:
                     ctx.response_metadata = call.metadata
         finally:
             self._gate.release()
+
+    def _pump(
+        self, call_id: int, source: Any, fail: Callable[[BaseException], None]
+    ) -> Pump:
+        """Start streaming ``source`` into call ``call_id`` (as the server grants credit)."""
+
+        def send(kind: Kind, value: Any) -> None:
+            link = self.link
+            if link is None or self._lost is not None:
+                raise self._lost_error() if self._lost is not None else Unavailable("closed")
+            try:
+                encoded = codec.encode(
+                    kind,
+                    call_id,
+                    value,
+                    oob_threshold=self._oob,
+                    max_size=link.max_size,
+                    default=to_wire,
+                )
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"cannot serialize a stream item: {exc}") from None
+            link.send(call_id, encoded)
+
+        def failed(exc: BaseException) -> None:
+            self._send_cancel(call_id)
+            fail(exc)
+
+        pump = self._pumps[call_id] = Pump(source, self._window, send)
+        pump.start(failed)
+        return pump
 
     async def notify(
         self,
@@ -675,7 +759,8 @@ class Client:
         priority: int | None,
         metadata: Metadata | None,
     ) -> StreamCall:
-        ctx = self._context("stream", method, args, kwargs, timeout, priority, metadata)
+        kind: CallKind = "bidi" if _has_input(args, kwargs) else "stream"
+        ctx = self._context(kind, method, args, kwargs, timeout, priority, metadata)
 
         async def final() -> StreamCall:
             return await self._send_stream(ctx)
@@ -700,20 +785,24 @@ class Client:
             if self._lost is not None:
                 raise self._lost_error()
             remaining = None if deadline is None else max(deadline - loop.time(), 0.0)
+            args, kwargs, source = _take_input(ctx.args, ctx.kwargs)
             encoded = self._encode(
                 Kind.STREAM,
                 call.call_id,
                 method,
-                ctx.args,
-                ctx.kwargs,
+                args,
+                kwargs,
                 ctx.priority,
                 remaining,
                 _check_metadata(ctx.metadata),
+                0 if source is None else Flags.INPUT_STREAM,
             )
             if deadline is not None:
                 call.timer = loop.call_at(deadline, self._expire_stream, call, method)
             assert self.link is not None
             self.link.send(call.call_id, encoded)
+            if source is not None:
+                self._pump(call_id, source, call.fail)
         except BaseException:
             call.done = True
             self._end_stream(call)
@@ -733,6 +822,9 @@ class Client:
     def _end_stream(self, call: StreamCall, *, cancel: bool = False) -> None:
         if self._streams.pop(call.call_id, None) is None:
             return
+        pump = self._pumps.pop(call.call_id, None)
+        if pump is not None:
+            pump.stop()
         if call.timer is not None:
             call.timer.cancel()
         self._gate.release()
@@ -792,6 +884,9 @@ class Client:
 
     def deliver(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
         call_id = header.call_id
+        if header.kind is Kind.CREDIT:
+            self._on_credit(call_id, header, payload)
+            return
         call = self._pending.get(call_id)
         if call is not None:
             self._finish(call, header, payload, parts)
@@ -800,6 +895,19 @@ class Client:
         if stream is not None:
             stream.on_frame(header, payload, parts)
         # else: the reply of a call abandoned (timed out or cancelled): dropped.
+
+    def _on_credit(self, call_id: int, header: codec.Header, payload: memoryview) -> None:
+        pump = self._pumps.get(call_id)
+        if pump is None:
+            return  # the call has ended; credits may cross its end
+        try:
+            count = codec.decode_payload(header, payload)
+        except ProtocolError:
+            count = None
+        if type(count) is not int or count <= 0:
+            self.failed(call_id, Kind.CREDIT, ProtocolError("malformed CREDIT frame"))
+            return
+        pump.credit.grant(count)
 
     def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
         call = self._pending.get(call_id)

@@ -161,6 +161,8 @@ class Flags(enum.IntFlag):
     NONE = 0
     #: The msgpack payload is the frame's last part instead of inline.
     PAYLOAD_OOB = 1
+    #: A REQUEST or STREAM whose caller streams items into it (ITEM frames, then END).
+    INPUT_STREAM = 2
 
 
 _KIND_BY_VALUE: Final = {int(k): k for k in Kind}
@@ -168,7 +170,7 @@ _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _pack_prefix = _PREFIX.pack
 _unpack_prefix = _PREFIX.unpack_from
-_KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB)
+_KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB | Flags.INPUT_STREAM)
 _PAYLOAD_OOB: Final = int(Flags.PAYLOAD_OOB)
 _isfinite = math.isfinite
 
@@ -387,6 +389,7 @@ def encode(
     inline_limit: int = MAX_FRAME,
     max_size: int | None = None,
     default: Callable[[Any], Any] | None = None,
+    flags: int = 0,
 ) -> Encoded:
     """Encode a frame (its seq and secret are stamped when it is sent).
 
@@ -406,6 +409,7 @@ def encode(
         default: Converts objects msgpack does not know (models, dates, ...) into
             ones it does, or into :class:`ArrayData`; raises ``TypeError`` for the
             rest. Bytes-like values in what it returns may become parts too.
+        flags: :class:`Flags` to set (``INPUT_STREAM``; ``PAYLOAD_OOB`` is decided here).
 
     Returns:
         The frame and its parts.
@@ -434,9 +438,9 @@ def encode(
         raise TypeError("the value is nested too deeply to serialize") from None
     sizes = [_nbytes(p) for p in parts]
     header = _packb([method, priority, timeout, sizes, metadata])
-    flags = 0
+    flags &= ~_PAYLOAD_OOB
     if PREFIX_SIZE + len(header) + len(body) > min(inline_limit, MAX_FRAME):
-        flags = _PAYLOAD_OOB
+        flags |= _PAYLOAD_OOB
         parts.append(body)
         sizes.append(len(body))
         header = _packb([method, priority, timeout, sizes, metadata])

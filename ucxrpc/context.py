@@ -25,7 +25,9 @@ __all__ = [
 #: Per-call metadata: a small map of string keys to ``str`` or ``bytes`` values.
 Metadata = dict[str, str | bytes]
 #: What a call is: ``"unary"`` (one reply), ``"stream"`` (server streaming) or ``"notify"``.
-CallKind = Literal["unary", "stream", "notify"]
+#: The four call kinds (as in gRPC) and notifications: ``"stream"`` is server streaming,
+#: ``"client_stream"`` takes a stream of items and returns one result, ``"bidi"`` both.
+CallKind = Literal["unary", "stream", "client_stream", "bidi", "notify"]
 
 
 class CallContext:

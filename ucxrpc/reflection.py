@@ -29,7 +29,10 @@ class MethodInfo(BaseModel):
     """One method as reflection describes it."""
 
     name: str
-    kind: Literal["unary", "stream"]
+    kind: Literal["unary", "stream", "client_stream", "bidi"] = Field(
+        description="unary; stream (server streaming); client_stream (takes a stream of "
+        "items, returns one result); bidi (both)"
+    )
     priority: int
     timeout: float | None = None
     idempotent: bool = False
@@ -79,7 +82,13 @@ def describe_handler(handler: Handler) -> MethodInfo:
     for param in handler.params:
         if param.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
-        schema = properties[param.name] = _schema(param.annotation, defs)
+        annotation = param.annotation
+        if param.name == handler.input_param:
+            # A stream of items: the schema of one item, marked as a stream.
+            annotation = stream_item_type(annotation) or Any
+        schema = properties[param.name] = _schema(annotation, defs)
+        if param.name == handler.input_param:
+            schema["x-stream"] = True
         default = handler.signature.parameters[param.name].default
         if default is inspect.Parameter.empty:
             required.append(param.name)
@@ -100,7 +109,7 @@ def describe_handler(handler: Handler) -> MethodInfo:
         result["$defs"] = result_defs
     return MethodInfo(
         name=handler.name,
-        kind="stream" if handler.is_stream else "unary",
+        kind=handler.kind,
         priority=handler.priority,
         timeout=handler.timeout,
         idempotent=handler.idempotent,

@@ -18,7 +18,7 @@ from ._handlers import Handler, Priority, make_handler
 from ._link import Link
 from ._sched import PriorityLimiter
 from ._wire import from_array, to_wire
-from .codec import Kind
+from .codec import Flags, Kind
 from .context import CallContext, enter
 from .errors import (
     DeadlineExceeded,
@@ -34,7 +34,7 @@ from .errors import (
 from .interceptors import Interceptor, run_chain
 from .reflection import DESCRIBE_METHOD, describe
 from .service import Service, rpc_methods, rpc_options
-from .stream import Credit
+from .stream import Credit, InputStream
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -373,7 +373,9 @@ class Server:
         try:
             if handler is None:
                 raise MethodNotFound(f"method {header.method!r} is not registered")
-            if handler.is_stream is not (kind is Kind.STREAM):
+            if handler.is_stream is not (kind is Kind.STREAM) or (
+                handler.input_param is not None
+            ) is not bool(header.flags & Flags.INPUT_STREAM):
                 raise InvalidArgument(_kind_mismatch(handler))
             if handler.timeout is not None:
                 cap = loop.time() + handler.timeout
@@ -381,7 +383,7 @@ class Server:
             priority = header.priority if header.priority is not None else handler.priority
             ctx = CallContext(  # positional: this runs for every call
                 header.method,
-                "stream" if handler.is_stream else ("unary" if reply else "notify"),
+                handler.kind if reply else "notify",
                 "server",
                 header.metadata,
                 deadline,
@@ -445,7 +447,9 @@ class Server:
         rather than a bare cancellation.
         """
         decoded = codec.decode_payload(header, payload, parts, array_hook=from_array)
-        args, kwargs = handler.bind(*_split_args(decoded))
+        args, kwargs = handler.bind(*_split_args(decoded), oob=bool(parts))
+        if handler.input_param is not None:
+            _feed_input(conn.inputs[header.call_id], handler, args, kwargs)
         if deadline is None:
             if handler.is_async:  # the common case, without another coroutine layer
                 return await handler.func(*args, **kwargs)
@@ -505,9 +509,35 @@ def _is_stream(func: Any) -> bool:
 
 
 def _kind_mismatch(handler: Handler) -> str:
+    name = handler.name
+    takes = (
+        f"takes a stream of items as {handler.input_param!r} (pass an async iterable)"
+        if handler.input_param is not None
+        else "takes no stream of items (pass no async iterable)"
+    )
     if handler.is_stream:
-        return f"{handler.name!r} streams its results: iterate client.stream({handler.name!r}, ...)"
-    return f"{handler.name!r} is not a streaming method: use client.call({handler.name!r}, ...)"
+        return f"{name!r} streams its results and {takes}: iterate client.stream({name!r}, ...)"
+    return f"{name!r} returns one result and {takes}: use client.call({name!r}, ...)"
+
+
+def _feed_input(
+    inp: InputStream, handler: Handler, args: list[Any], kwargs: dict[str, Any]
+) -> None:
+    """Put the call's input stream where the handler's ``AsyncIterator`` parameter is."""
+    item = handler.input_item
+    if item is not None:
+        inp.convert = item.validate
+    name = handler.input_param
+    if name in kwargs:
+        kwargs[name] = inp
+        return
+    for i, param in enumerate(handler.params):
+        if param.name == name:
+            if i < len(args):
+                args[i] = inp
+            else:
+                kwargs[param.name] = inp
+            return
 
 
 def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
@@ -534,6 +564,7 @@ class _ServerConn:
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.notes: set[asyncio.Task[None]] = set()
         self.credits: dict[int, Credit] = {}
+        self.inputs: dict[int, InputStream] = {}
         self.link: Link | None = None
         peer = writer.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else ""
@@ -577,6 +608,16 @@ class _ServerConn:
                 task.cancel()
         elif kind is Kind.CREDIT:
             self._on_credit(call_id, header, payload)
+        elif kind is Kind.ITEM or kind is Kind.END:
+            inp = self.inputs.get(call_id)
+            if inp is None:
+                return  # the call has ended: items it did not take are dropped
+            try:
+                value = codec.decode_payload(header, payload, parts, array_hook=from_array)
+            except ProtocolError as exc:
+                inp.error = exc
+                value = None
+            inp.put(kind, value)
         else:
             self.reply_error(call_id, ProtocolError(f"unexpected {kind.name} frame from a client"))
 
@@ -637,12 +678,22 @@ class _ServerConn:
             task.add_done_callback(self.notes.discard)
         else:
             self.calls[call_id] = task
+            if header.flags & Flags.INPUT_STREAM:
+                # Registered now: its items may arrive before the task first runs.
+                self.inputs[call_id] = InputStream(
+                    self.window, functools.partial(self._grant, call_id)
+                )
             # Also when the task is cancelled before it ever ran (its finally never runs).
             task.add_done_callback(functools.partial(self._ended, call_id))
 
     def _ended(self, call_id: int, task: asyncio.Task[None]) -> None:
         if self.calls.get(call_id) is task:
             del self.calls[call_id]
+            self.inputs.pop(call_id, None)
+
+    def _grant(self, call_id: int, count: int) -> None:
+        if call_id in self.inputs and not self._closed:
+            self._send(call_id, codec.encode(Kind.CREDIT, call_id, count))
 
     # -- replies -----------------------------------------------------------------------------------
 

@@ -1,17 +1,21 @@
-"""Server streaming: the client's iterator and the credits that pace the producer.
+"""Streams in both directions, and the credits that pace their producers.
 
-A stream is one call whose results arrive as ITEM frames followed by END (or ERROR),
-all on the call's frame tag. The consumer grants the producer credits: the server
-may send ``window`` items ahead of what the consumer has taken, and the client
-grants more as it takes them (half a window at a time). A slow consumer therefore
-slows the producer, and neither side buffers more than a window of items.
+A server stream is one call whose results arrive as ITEM frames followed by END (or
+ERROR). A client stream (an ``AsyncIterator[T]`` parameter) is the same in the other
+direction: after its REQUEST (or STREAM, for a bidirectional call) flagged
+``INPUT_STREAM``, the caller sends ITEM frames and then END (a half-close).
+
+Either way the consumer grants the producer credits: the producer may send
+``window`` items ahead of what the consumer has taken, and the consumer grants more
+as it takes them (half a window at a time), with CREDIT frames. A slow consumer
+therefore slows the producer, and neither side buffers more than a window of items.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from . import codec
@@ -23,7 +27,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .context import Metadata
 
-__all__ = ["Credit", "Stream", "StreamCall"]
+__all__ = ["Credit", "InputStream", "Pump", "Stream", "StreamCall", "is_input_stream"]
 
 T = TypeVar("T")
 
@@ -54,6 +58,122 @@ class Credit:
         waiter = self.waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+
+def is_input_stream(value: Any) -> bool:
+    """True for a value a caller streams into a call (any async iterable)."""
+    return hasattr(value, "__aiter__") and not isinstance(value, (str, bytes, bytearray))
+
+
+_END_OF_INPUT = object()
+
+
+class InputStream(AsyncIterator[Any]):
+    """The server's side of a client stream: the items, in order, as the handler's
+    ``AsyncIterator[T]`` argument.
+
+    Args:
+        window: Items the caller may send ahead of what the handler has taken.
+        grant: Sends the caller a CREDIT for that many more items.
+        convert: Validates each item into the declared item type (None: as received).
+    """
+
+    def __init__(
+        self,
+        window: int,
+        grant: Callable[[int], None],
+        convert: Callable[[Any], Any] | None = None,
+    ) -> None:
+        self._window = window
+        self._step = max(window // 2, 1)
+        self._grant = grant
+        self.convert = convert
+        self._items: deque[Any] = deque()
+        self._taken = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._ended = False
+        self.error: RpcError | None = None
+
+    def put(self, kind: Kind, value: Any) -> None:
+        """An ITEM (its value) or the END of the input arrived."""
+        if self._ended or self.error is not None:
+            return
+        if kind is _END:
+            self._ended = True
+        elif len(self._items) >= self._window:
+            self.error = ProtocolError(
+                f"the caller sent more than {self._window} stream items without credit"
+            )
+        else:
+            self._items.append(value)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def __aiter__(self) -> InputStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self._items:
+                value = self._items.popleft()
+                self._taken += 1
+                if self._taken >= self._step:
+                    self._grant(self._taken)
+                    self._taken = 0
+                return value if self.convert is None else self.convert(value)
+            if self._ended:
+                raise StopAsyncIteration
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+
+
+class Pump:
+    """The caller's side of a client stream: sends the items of ``source`` as the
+    server grants credits, then END.
+
+    Args:
+        source: The caller's async iterable.
+        window: Items that may be sent before the first credit.
+        send: Sends one ITEM (a value) or, with ``None`` and ``end=True``, the END.
+    """
+
+    def __init__(
+        self,
+        source: AsyncIterable[Any],
+        window: int,
+        send: Callable[[Kind, Any], None],
+    ) -> None:
+        self.source = source
+        self.credit = Credit(window)
+        self._send = send
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self, on_error: Callable[[BaseException], None]) -> None:
+        """Start sending in a task; ``on_error`` gets what the source raised."""
+        self.task = asyncio.get_running_loop().create_task(self._run(on_error))
+
+    async def _run(self, on_error: Callable[[BaseException], None]) -> None:
+        credit = self.credit
+        try:
+            async for item in self.source:
+                if credit.available > 0:
+                    credit.available -= 1
+                else:
+                    await credit.take()
+                self._send(_ITEM, item)
+            self._send(_END, None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            on_error(exc)
+
+    def stop(self) -> None:
+        """The call ended: stop sending."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
 
 
 class StreamCall:

@@ -1,0 +1,126 @@
+"""The progress engine survives failures in any step of a drive (real UCX workers)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from conftest import until
+
+from ucxrpc import codec
+from ucxrpc._engine import Engine
+from ucxrpc._ucx import Array, lib
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Faulty:
+    """A real UCX worker whose chosen methods raise on their next calls."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        self.faults: dict[str, int] = {}
+
+    def fail(self, method: str, times: int = 1) -> None:
+        self.faults[method] = times
+
+    def __getattr__(self, name: str) -> Any:
+        real = getattr(self.worker, name)
+        if not callable(real):
+            return real
+
+        def call(*args: Any) -> Any:
+            if self.faults.get(name, 0) > 0:
+                self.faults[name] -= 1
+                raise RuntimeError(f"injected failure in {name}")
+            return real(*args)
+
+        return call
+
+
+class Recorder:
+    def __init__(self, engine: Any) -> None:
+        self.frames: list[bytes] = []
+        self.parts: list[tuple[int, int]] = []
+        self.engine = engine
+        self.fail_next_part = False
+
+    def on_frame(self, tag: int, buf: bytearray) -> None:
+        self.frames.append(bytes(buf))
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        if self.fail_next_part:
+            self.fail_next_part = False
+            raise RuntimeError("injected failure in the router")
+        self.parts.append((tag, length))
+        self.engine[0].receive(handle, bytearray(length), lambda exc: None)
+
+    def on_oversized(self, tag: int, length: int) -> None:
+        pass
+
+
+@pytest.fixture
+async def pair() -> Any:
+    ctx = lib.UCXContext({}, (lib.Feature.TAG, lib.Feature.WAKEUP))
+    worker = lib.UCXWorker(ctx)
+    worker.init_blocking_progress_mode()
+    faulty = Faulty(worker)
+    holder: list[Engine] = []
+    recorder = Recorder(holder)
+    engine = Engine(
+        faulty,
+        asyncio.get_running_loop(),
+        mode="polling",
+        spin=0.0,
+        router=recorder,
+        junk_limit=1 << 20,
+    )
+    holder.append(engine)
+    sender_ctx = lib.UCXContext({}, (lib.Feature.TAG,))
+    sender = lib.UCXWorker(sender_ctx)
+    addr = lib.UCXAddress.create_from_buffer(bytes(worker.address.tobytes()))
+    ep = sender.create_endpoint_from_worker_address(addr, False)
+    keep: list[Any] = []
+
+    async def send(tag: int, data: bytes) -> None:
+        keep.append(data)
+        req = ep.tag_send(Array(data), lib.UCXXTag(tag))
+        keep.append(req)
+        while not req.completed:
+            sender.progress()
+            await asyncio.sleep(0)
+
+    yield faulty, engine, recorder, send
+    engine.close()
+
+
+@pytest.mark.parametrize("method", ["progress_once", "tag_probe", "tag_recv_with_handle", "arm"])
+async def test_a_failure_in_any_step_is_logged_once_and_progress_goes_on(
+    pair: Any, method: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    faulty, engine, recorder, send = pair
+    caplog.set_level(logging.ERROR, "ucxrpc")
+    faulty.fail(method, times=2)
+    for i in range(5):
+        await send(codec.frame_tag(1, i), b"frame %d" % i)
+    # A frame whose receive failed is lost (and consumed); no other is.
+    lost = 1 if method == "tag_recv_with_handle" else 0
+    await until(lambda: len(recorder.frames) == 5 - lost)
+    drives = engine.drives
+    await until(lambda: engine.drives > drives + 10)  # still driving
+    assert faulty.faults[method] == 0 or method == "arm"
+    logged = [r.getMessage() for r in caplog.records if "recovered" in r.getMessage()]
+    assert len(logged) == len(set(logged))  # once per kind of failure
+    await send(codec.frame_tag(1, 99), b"last")
+    await until(lambda: recorder.frames[-1:] == [b"last"])
+
+
+async def test_a_failing_router_does_not_stop_the_engine(pair: Any) -> None:
+    _, engine, recorder, send = pair
+    recorder.fail_next_part = True
+    await send(codec.DATA_BIT | 1, b"p" * 20_000)
+    await send(codec.DATA_BIT | 2, b"q" * 20_000)
+    await until(lambda: recorder.parts == [(codec.DATA_BIT | 2, 20_000)])
+    await until(lambda: engine.discarded == 1)  # the first one was consumed
