@@ -6,7 +6,6 @@ Run: python examples/call_kinds.py
 
 from __future__ import annotations
 
-import asyncio
 from abc import abstractmethod
 from collections.abc import AsyncIterator
 

@@ -218,7 +218,7 @@ async def test_calling_with_the_wrong_kind_is_a_clear_error(kinds: Any) -> None:
         await client.call("sizes", [b"x"])
     with pytest.raises(ucxrpc.InvalidArgument, match="takes no stream"):
         await client.call("square", agen([1]))
-    with pytest.raises(ucxrpc.InvalidArgument, match="client.stream"):
+    with pytest.raises(ucxrpc.InvalidArgument, match=r"client\.stream"):
         await client.call("chat", agen(["a"]))
     with pytest.raises(ucxrpc.InvalidArgument, match="at most one stream"):
         await client.call("sizes", agen([b""]), scale=agen([1]))

@@ -87,6 +87,7 @@ class Pair(RuleBasedStateMachine):
         self.results: list[Any] = []
         self.lied: set[int] = set()  # calls whose parts were tampered with
         self.expired: set[int] = set()
+        self.sent_at: dict[int, float] = {}
         self.call_ids = itertools.count(1)
 
     def _encode(self, sizes: list[int], seed: int) -> tuple[int, codec.Encoded, Any]:
@@ -98,6 +99,7 @@ class Pair(RuleBasedStateMachine):
     def send(self, sizes: list[int], seed: int) -> None:
         call_id, encoded, value = self._encode(sizes, seed)
         self.sent.append((call_id, value))
+        self.sent_at[call_id] = self.now
         self.wire.put(self.out.send(call_id, encoded))
 
     @rule(
@@ -108,6 +110,7 @@ class Pair(RuleBasedStateMachine):
         for sizes in batch:
             call_id, encoded, value = self._encode(sizes, seed)
             self.sent.append((call_id, value))
+            self.sent_at[call_id] = self.now
             self.out.queue(call_id, encoded)
         self.wire.put(self.out.flush())
 
@@ -171,10 +174,11 @@ class Pair(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([0.5, 6.0]))
     def time_passes(self, seconds: float) -> None:
-        if seconds > self.inb.budget.part_timeout:
-            # Frames waiting for parts fail: remember which calls may fail this way.
-            self.expired |= {c for c, _ in self.sent[self.inb.next_seq :]}
         self.now += seconds
+        # Frames waiting for parts longer than the timeout fail: any call sent (and
+        # so possibly received) that long ago may fail this way.
+        limit = self.now - self.inb.budget.part_timeout
+        self.expired |= {c for c, t in self.sent_at.items() if t <= limit}
         self.inb.expire(self.now)
         run_actions(self.inb, self.wire, self.results)
 

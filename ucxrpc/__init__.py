@@ -27,7 +27,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._handlers import Priority
+    from ._wire import Buffer
     from .batch import BatchCall, call_many, split_results
     from .client import Client
     from .config import Config
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from .manager import Manager, run, ucx_info
     from .metrics import Metrics, MetricsEndpoint, enable_metrics, start_metrics_http
     from .pool import ClientPool
+    from .protocol import Priority
     from .reflection import MethodInfo, ServerDescription
     from .retry import Retry, RetryPolicy
     from .server import Server
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BatchCall",
+    "Buffer",
     "CallContext",
     "Cancelled",
     "Client",
@@ -109,6 +111,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BatchCall": ".batch",
+    "Buffer": "._wire",
     "CallContext": ".context",
     "Client": ".client",
     "ClientPool": ".pool",
@@ -123,7 +126,7 @@ _LAZY = {
     "Metrics": ".metrics",
     "MetricsEndpoint": ".metrics",
     "MetricsInterceptor": ".interceptors",
-    "Priority": "._handlers",
+    "Priority": ".protocol",
     "Proceed": ".interceptors",
     "Reconnect": ".liveness",
     "Retry": ".retry",

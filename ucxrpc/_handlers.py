@@ -2,17 +2,19 @@
 
 Arguments are validated from the function's annotations with pydantic; the error
 names the argument and the field path (``req.times: Input should be a valid integer``).
+Before pydantic, binary values are brought into their declared types
+(:func:`~ucxrpc._wire.converter_for`): what a handler gets depends on its annotation,
+never on how large the value was or how it travelled.
 """
 
 from __future__ import annotations
 
 import collections.abc
-import enum
 import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import (
     ConfigDict,
@@ -22,29 +24,29 @@ from pydantic import (
     ValidationError,
 )
 
-from .errors import InvalidArgument
+from ._wire import Convert, converter_for
+from .errors import InvalidArgument, RpcError
+from .protocol import Priority
 
 __all__ = [
     "Handler",
+    "HandlerKind",
     "Param",
     "Priority",
     "adapter_for",
     "describe_validation_error",
     "make_handler",
+    "make_param",
     "resolve_hints",
     "stream_item_type",
+    "value_validator",
 ]
 
 
-class Priority(enum.IntEnum):
-    """Call priority: when a limit is reached, higher priorities start first."""
-
-    LOW = 0
-    NORMAL = 1
-    HIGH = 2
+#: A handler's call kind (a subset of :data:`ucxrpc.context.CallKind`).
+HandlerKind = Literal["unary", "stream", "client_stream", "bidi"]
 
 
-_BYTES_LIKE = (bytes, bytearray, memoryview)
 _STREAM_ORIGINS = (
     collections.abc.AsyncIterator,
     collections.abc.AsyncIterable,
@@ -69,6 +71,42 @@ def adapter_for(annotation: Any) -> TypeAdapter[Any] | None:
         raise TypeError(f"cannot validate {annotation!r}: {exc.message}") from None
 
 
+def value_validator(
+    annotation: Any, label: str, error: Callable[[str], RpcError] = InvalidArgument
+) -> Callable[[Any], Any] | None:
+    """A function bringing one received value into ``annotation``.
+
+    Binary values are converted first (:func:`~ucxrpc._wire.converter_for`), then
+    pydantic validates. Use it for every value that arrives on its own: results and
+    stream items on the client, stream items on the server.
+
+    Args:
+        annotation: The declared type (``Any`` or ``inspect.Parameter.empty``: the
+            un-annotated rule, bytes-like values become ``bytes``).
+        label: The first element of the error's field path (``"result"``).
+        error: Makes the exception raised when validation fails, from its message.
+
+    Returns:
+        The validator, or None when nothing is ever converted or checked.
+    """
+    convert = converter_for(annotation)
+    adapter = adapter_for(annotation)
+    if adapter is None:
+        return convert
+
+    def validate(value: Any) -> Any:
+        if convert is not None:
+            value = convert(value)
+        if type(value) is annotation:
+            return value
+        try:
+            return adapter.validate_python(value)
+        except ValidationError as exc:
+            raise error(describe_validation_error(label, exc)) from None
+
+    return validate
+
+
 def describe_validation_error(name: str, exc: ValidationError) -> str:
     """``req.times: Input should be a valid integer`` from a pydantic error."""
     err = exc.errors(include_url=False)[0]
@@ -88,7 +126,10 @@ def stream_item_type(annotation: Any) -> Any | None:
 
 
 def resolve_hints(func: Callable[..., Any]) -> dict[str, Any]:
-    """The resolved annotations of ``func``.
+    """The resolved annotations of ``func``, ``Annotated`` metadata kept.
+
+    The metadata matters: :data:`~ucxrpc._wire.Buffer` and pydantic constraints
+    (``Annotated[int, Field(gt=0)]``) live there.
 
     Raises:
         TypeError: An annotation names something that cannot be found (a type
@@ -96,7 +137,7 @@ def resolve_hints(func: Callable[..., Any]) -> dict[str, Any]:
             validated.
     """
     try:
-        return typing.get_type_hints(func)
+        return typing.get_type_hints(func, include_extras=True)
     except NameError as exc:
         name = getattr(func, "__qualname__", repr(func))
         raise TypeError(
@@ -107,23 +148,62 @@ def resolve_hints(func: Callable[..., Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class Param:
-    """One parameter of a handler."""
+    """One parameter of a handler.
+
+    Attributes:
+        name: The parameter's name.
+        kind: Positional, keyword-only, ``*args`` or ``**kwargs``.
+        annotation: The declared type (``inspect.Parameter.empty`` when there is none).
+        adapter: The pydantic validator (None: nothing to check).
+        convert: Brings binary values into the declared types (None: never needed).
+        convert_inline: The same for requests that carried no data part (their binary
+            values are all ``bytes``): None for most types, so those pay nothing.
+    """
 
     name: str
     kind: inspect._ParameterKind
     annotation: Any
     adapter: TypeAdapter[Any] | None
+    convert: Convert | None = None
+    convert_inline: Convert | None = None
 
-    def validate(self, value: Any) -> Any:
+    def validate(self, value: Any, oob: bool = True) -> Any:
+        """Convert and check one argument.
+
+        Args:
+            value: The decoded argument.
+            oob: Whether the request carried data parts (bytearray or memoryview
+                values may be present); False lets most types skip conversion.
+
+        Raises:
+            InvalidArgument: The value does not fit the declared type.
+        """
+        convert = self.convert if oob else self.convert_inline
+        if convert is not None:
+            value = convert(value)
         ann = self.annotation
         if self.adapter is None or type(value) is ann:
             return value
-        if ann is bytes and isinstance(value, _BYTES_LIKE):
-            return value  # large binary values arrive as bytearray, without a copy
         try:
             return self.adapter.validate_python(value)
         except ValidationError as exc:
             raise InvalidArgument(describe_validation_error(self.name, exc)) from None
+
+
+def make_param(name: str, kind: inspect._ParameterKind, annotation: Any) -> Param:
+    """A :class:`Param` with its validator and converters precomputed (at registration).
+
+    For ``*args`` and ``**kwargs`` the annotation is that of each value, and each is
+    validated on its own.
+    """
+    return Param(
+        name,
+        kind,
+        annotation,
+        adapter_for(annotation),
+        converter_for(annotation),
+        converter_for(annotation, inline=True),
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +224,10 @@ class Handler:
         simple: True when every parameter is positional-or-keyword (fast binding).
         return_annotation: The declared result (for streams, the iterator type).
         doc: The first paragraph of the docstring.
+        input_param: The parameter annotated ``AsyncIterator[T]`` (the caller streams
+            items into the call), or None.
+        input_item: How each streamed item is validated into ``T`` (a :class:`Param`
+            named after ``input_param``, so errors read ``chunks.n: ...``), or None.
     """
 
     name: str
@@ -158,21 +242,36 @@ class Handler:
     simple: bool
     return_annotation: Any
     doc: str
+    input_param: str | None = None
+    input_item: Param | None = None
 
     @property
-    def kind(self) -> str:
-        """``"stream"`` for streaming methods, else ``"unary"``."""
-        return "stream" if self.is_stream else "unary"
+    def kind(self) -> HandlerKind:
+        """The call kind, as in gRPC: ``"unary"``, ``"stream"`` (server streaming),
+        ``"client_stream"`` (an ``AsyncIterator`` parameter) or ``"bidi"`` (both)."""
+        if self.input_param is None:
+            return "stream" if self.is_stream else "unary"
+        return "bidi" if self.is_stream else "client_stream"
 
-    def bind(self, args: list[Any], kwargs: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    def bind(
+        self, args: list[Any], kwargs: dict[str, Any], oob: bool = True
+    ) -> tuple[list[Any], dict[str, Any]]:
         """Check and convert the call's arguments.
+
+        Args:
+            args: The decoded positional arguments.
+            kwargs: The decoded keyword arguments.
+            oob: Whether the request carried data parts. Pass ``bool(parts)``: without
+                parts every binary value is ``bytes`` already, and the conversion of
+                ``bytes``, ``Any`` and un-annotated parameters is skipped. True is
+                always correct.
 
         Raises:
             InvalidArgument: Wrong arity, unknown keyword or a value failing validation.
         """
         params = self.params
         if self.simple and not kwargs and len(args) == len(params):
-            return [p.validate(v) for p, v in zip(params, args, strict=True)], {}
+            return [p.validate(v, oob) for p, v in zip(params, args, strict=True)], {}
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as exc:
@@ -183,13 +282,13 @@ class Handler:
         for name, value in bound.arguments.items():
             p = by_name[name]
             if p.kind is inspect.Parameter.VAR_POSITIONAL:
-                out_args.extend(p.validate(v) for v in value)
+                out_args.extend(p.validate(v, oob) for v in value)
             elif p.kind is inspect.Parameter.VAR_KEYWORD:
-                out_kwargs.update({k: p.validate(v) for k, v in value.items()})
+                out_kwargs.update({k: p.validate(v, oob) for k, v in value.items()})
             elif p.kind is inspect.Parameter.KEYWORD_ONLY:
-                out_kwargs[name] = p.validate(value)
+                out_kwargs[name] = p.validate(value, oob)
             else:
-                out_args.append(p.validate(value))
+                out_args.append(p.validate(value, oob))
         return out_args, out_kwargs
 
 
@@ -221,9 +320,23 @@ def make_handler(
         hints = resolve_hints(hints_from)
     params = list(sig.parameters.values())
     built = []
+    input_param: str | None = None
+    input_item: Param | None = None
     for p in params:
         ann = hints.get(p.name, p.annotation)
-        built.append(Param(p.name, p.kind, ann, adapter_for(ann)))
+        item = stream_item_type(ann)
+        if item is None or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            built.append(make_param(p.name, p.kind, ann))
+            continue
+        if input_param is not None:
+            raise TypeError(
+                f"{name!r} takes two streams of items ({input_param!r} and {p.name!r}): "
+                "a method takes at most one AsyncIterator parameter"
+            )
+        # The caller sends a placeholder for it and the items follow the request: the
+        # parameter itself is not validated, each item is.
+        input_param, input_item = p.name, make_param(p.name, p.POSITIONAL_OR_KEYWORD, item)
+        built.append(Param(p.name, p.kind, ann, None))
     simple = all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params)
     doc = inspect.getdoc(func) or (inspect.getdoc(hints_from) if hints_from else None) or ""
     return Handler(
@@ -239,4 +352,6 @@ def make_handler(
         simple=simple,
         return_annotation=hints.get("return", sig.return_annotation),
         doc=doc.split("\n\n", 1)[0],
+        input_param=input_param,
+        input_item=input_item,
     )

@@ -33,16 +33,29 @@ Layout (little endian, as the packing host wrote it; ``v1`` is UCX's default
                     lane byte (LAST 0x80 | lane)
     (v1: UCX 1.21 ends with an empty pseudo device whose md index is its release)
 
-Beyond the framing, the device and interface addresses of the transports this
-build of UCX has on one host (``self``, ``tcp``, ``sysv``, ``posix``, ``cma``) are
-checked against the layouts those transports pack, since their ``is_reachable``
-and endpoint code read them without a length. An entry for another transport
-(InfiniBand, CUDA, ...) is checked for framing only: UCX hands it to a transport
-only when one with the same name checksum is present locally.
+Beyond the framing:
 
-Not checked (and not checkable from the bytes): that the address belongs to the
-peer that sent it, or that the ports, segment ids and process ids in it are
-genuine. Authenticate the handshake (``auth_token``) before creating endpoints.
+* interface attributes must be finite and positive where UCX divides by them or
+  compares with them, and a v2 interface that takes active messages must announce a
+  segment size of at least 1 KiB (UCX asserts ``rkey_size <= am.max_bcopy`` when it
+  sets the endpoint up: a fuzzed address with segment size 0 aborted the process);
+* md indexes must be below 64 (UCX indexes 64-entry arrays with them);
+* the device and interface addresses of the transports this build of UCX has on one
+  host (``self``, ``tcp``, ``sysv``, ``posix``, ``cma``) must have the layouts those
+  transports pack, namespace variants included, since their ``is_reachable`` and
+  endpoint code read them without a length. An entry for another transport
+  (InfiniBand, CUDA, ...) is checked for framing only: UCX hands it to a transport
+  only when one with the same name checksum is present locally.
+
+The tests fuzz this with random, truncated and mutated real addresses and make
+endpoints (and send eager and rendezvous messages) from everything accepted, in a
+probe process that must survive.
+
+Not checked (and not checkable from the bytes): that the address belongs to the peer
+that sent it, or that the ports, shared-memory segment ids, process ids and
+``/proc/<pid>/fd/<n>`` references in it are the peer's own. A well-formed address can
+name another process's segment or file on this host, which UCX then maps and writes
+to; authenticate the handshake (``auth_token``) when peers are not trusted.
 
 This module is pure: no ucxx, no asyncio.
 """

@@ -13,7 +13,7 @@ from ._control import initiate_handshake, read_message, write_message
 from ._handlers import Priority
 from ._link import Link
 from ._sched import PriorityLimiter
-from ._wire import from_array, to_wire
+from ._wire import from_array, plain, to_wire
 from .codec import Flags, Kind
 from .context import CallContext, CallKind, Metadata, call_deadline
 from .errors import (
@@ -473,9 +473,11 @@ class Client:
             RpcError: The server answered with an error (see :mod:`ucxrpc.errors`).
         """
         if self._interceptors:
-            return await self._call(method, args, kwargs, timeout, priority, metadata)
-        return await self._send_call(
-            method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)
+            return plain(await self._call(method, args, kwargs, timeout, priority, metadata))
+        return plain(
+            await self._send_call(
+                method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)
+            )
         )
 
     async def call_with_metadata(
@@ -491,7 +493,7 @@ class Client:
         kind: CallKind = "client_stream" if _has_input(args, kwargs) else "unary"
         ctx = self._context(kind, method, args, kwargs, timeout, priority, metadata)
         value = await self._run(ctx)
-        return value, ctx.response_metadata
+        return plain(value), ctx.response_metadata
 
     def _context(
         self,
@@ -529,9 +531,7 @@ class Client:
     ) -> Any:
         if self._interceptors:
             kind: CallKind = "client_stream" if _has_input(args, kwargs) else "unary"
-            ctx = self._context(
-                kind, method, args, kwargs, timeout, priority, metadata, idempotent
-            )
+            ctx = self._context(kind, method, args, kwargs, timeout, priority, metadata, idempotent)
             return await self._run(ctx)
         return await self._send_call(
             method, args, kwargs, self._deadline(timeout), priority, _check_metadata(metadata)
@@ -628,9 +628,7 @@ class Client:
         finally:
             self._gate.release()
 
-    def _pump(
-        self, call_id: int, source: Any, fail: Callable[[BaseException], None]
-    ) -> Pump:
+    def _pump(self, call_id: int, source: Any, fail: Callable[[BaseException], None]) -> Pump:
         """Start streaming ``source`` into call ``call_id`` (as the server grants credit)."""
 
         def send(kind: Kind, value: Any) -> None:
@@ -726,7 +724,7 @@ class Client:
         Returns:
             An async iterator of the items (also an async context manager).
         """
-        return self._stream(method, args, kwargs, timeout, priority, metadata, None)
+        return self._stream(method, args, kwargs, timeout, priority, metadata, plain)
 
     def _stream(
         self,

@@ -330,7 +330,8 @@ class ArrayData:
     before encoding and back (with ``array_hook``) after decoding.
 
     Attributes:
-        dtype: numpy's dtype string (``"<f8"``, ``"|u1"``, ...).
+        dtype: numpy's type string (``"<f8"``, ``"|u1"``, ...), or a JSON description
+            for structured and sub-array dtypes (see ``ucxrpc._wire``).
         shape: The array's shape.
         data: The elements in C order, as a bytes-like object.
     """
@@ -416,28 +417,43 @@ def encode(
 
     Raises:
         TypeError: The payload holds a value msgpack cannot carry.
-        ValueError: A timeout that is not a finite, non-negative number, or metadata
-            that is not str to str or bytes.
+        ValueError: A timeout that is not a finite, non-negative number, a priority
+            outside 0..255, metadata that is not str to str or bytes, or a header
+            (metadata and part sizes) over its limit.
         ResourceExhausted: The message is larger than ``max_size``.
     """
-    if timeout is not None and not (_isfinite(timeout) and timeout >= 0):
+    if timeout is not None and (
+        type(timeout) not in (int, float) or not (_isfinite(timeout) and timeout >= 0)
+    ):
         raise ValueError(f"timeout must be a finite number of seconds >= 0, not {timeout!r}")
-    if metadata:
+    if priority is not None and (type(priority) is not int or not 0 <= priority <= 255):
+        raise ValueError(f"priority must be an integer from 0 to 255, not {priority!r}")
+    if metadata is not None:
         check_metadata(metadata)
     parts: list[Any] = []
-    if _is_large(payload, oob_threshold):
-        payload = _extract(payload, parts, oob_threshold)
     try:
-        body = _packb(payload, use_bin_type=True)
-    except TypeError:
-        # Only objects msgpack does not know reach the (slower) buffer-protocol hook;
-        # the parts extracted above stay valid (the hook appends after them).
-        hook = _packer_default(parts, oob_threshold, default)
-        body = _packb(payload, default=hook, use_bin_type=True)
+        if _is_large(payload, oob_threshold):
+            payload = _extract(payload, parts, oob_threshold)
+        try:
+            body = _packb(payload, use_bin_type=True)
+        except TypeError:
+            # Only objects msgpack does not know reach the (slower) buffer-protocol
+            # hook; the parts extracted above stay valid (the hook appends after them).
+            hook = _packer_default(parts, oob_threshold, default)
+            body = _packb(payload, default=hook, use_bin_type=True)
     except RecursionError:
         raise TypeError("the value is nested too deeply to serialize") from None
+    except UnicodeEncodeError as exc:
+        raise TypeError(f"a string cannot be encoded as UTF-8: {exc}") from None
+    except ValueError as exc:
+        if "recursion" in str(exc):  # msgpack's own depth limit
+            raise TypeError("the value is nested too deeply to serialize") from None
+        raise
     sizes = [_nbytes(p) for p in parts]
-    header = _packb([method, priority, timeout, sizes, metadata])
+    try:
+        header = _packb([method, priority, timeout, sizes, metadata])
+    except UnicodeEncodeError as exc:
+        raise TypeError(f"a string cannot be encoded as UTF-8: {exc}") from None
     flags &= ~_PAYLOAD_OOB
     if PREFIX_SIZE + len(header) + len(body) > min(inline_limit, MAX_FRAME):
         flags |= _PAYLOAD_OOB

@@ -19,6 +19,12 @@ validated on arrival, and ``async for n in stub.count(3)`` iterates the stream.
 Streaming methods are declared with a plain ``def`` returning ``AsyncIterator[T]`` in
 the interface (what calling them returns) and implemented as async generators.
 Nothing is registered at import time: a class only defines the contract.
+
+Binary values follow the declaration on both sides, whatever their size: ``bytes`` is
+``bytes``, ``bytearray``, ``memoryview``, :data:`Buffer` (the zero-copy type, also
+exported here) and ``numpy.ndarray`` arrive without a copy when they travelled out of
+band, and an un-annotated result has ``bytes`` for every binary value (see
+:mod:`ucxrpc._wire`).
 """
 
 from __future__ import annotations
@@ -29,22 +35,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
-from pydantic import ValidationError
-
 from ._handlers import (
     Priority,
-    adapter_for,
-    describe_validation_error,
     resolve_hints,
     stream_item_type,
+    value_validator,
 )
+from ._wire import Buffer
 from .errors import InvalidReply
 
 if TYPE_CHECKING:
     from .client import Client
     from .context import Metadata
 
-__all__ = ["MethodDecl", "RpcOptions", "Service", "rpc", "rpc_methods"]
+__all__ = ["Buffer", "MethodDecl", "RpcOptions", "Service", "rpc", "rpc_methods"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 S = TypeVar("S", bound="Service")
@@ -209,23 +213,14 @@ def rpc_methods(service: type[Service]) -> tuple[MethodDecl, ...]:
 def result_validator(label: str, annotation: Any) -> Callable[[Any], Any] | None:
     """A function validating received values into ``annotation``.
 
-    Raises :class:`InvalidReply` naming the field path; None when nothing is checked.
+    Binary values follow the declaration (a ``bytes`` result is ``bytes`` whatever its
+    size; ``Any`` or no annotation: bytes-like values become ``bytes``). Raises
+    :class:`InvalidReply` naming the field path; None when nothing is converted or
+    checked.
     """
     if annotation is None or annotation is type(None):
         return None
-    adapter = adapter_for(annotation)
-    if adapter is None:
-        return None
-
-    def validate(value: Any) -> Any:
-        if type(value) is annotation:
-            return value
-        try:
-            return adapter.validate_python(value)
-        except ValidationError as exc:
-            raise InvalidReply(describe_validation_error(label, exc)) from None
-
-    return validate
+    return value_validator(annotation, label, InvalidReply)
 
 
 class _Stub:

@@ -397,6 +397,8 @@ class Inbound:
         self._actions.append(Receive(handle, buf, (entry, expected.index)))
 
     def _flush(self) -> None:
+        if self.broken is not None:
+            return  # nothing is delivered after a violation: the connection is closing
         entries = self._entries
         while True:
             entry = entries.get(self._next)

@@ -83,7 +83,7 @@ class Outbound:
         run_bytes = 0
         for call_id, encoded in queued:
             size = len(encoded.frame)
-            if run and run_bytes + size > self.max_batch:
+            if run and run_bytes + size > self.max_batch - codec.PREFIX_SIZE:
                 self._emit(run, run_call, out)
                 run, run_bytes = [], 0
             if not run:
