@@ -272,3 +272,99 @@ async def test_parts_that_never_come_are_bounded_then_forgotten() -> None:
             raw.close()
         await client.close()
         await server.stop()
+
+
+# -- regressions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, "1"])
+async def test_nan_and_infinite_timeouts_are_refused(mixed: Any, timeout: Any) -> None:
+    _, client = mixed
+    with pytest.raises(ucxrpc.InvalidArgument, match="timeout must be a finite number"):
+        await client.call("ping", timeout=timeout)
+    with pytest.raises(ucxrpc.InvalidArgument, match="timeout must be a finite number"):
+        async for _ in client.stream("mixed", 1, timeout=timeout):
+            pass
+    assert await client.call("ping") == "PONG"
+
+
+def test_reconnect_backoff_never_overflows() -> None:
+    policy = ucxrpc.Reconnect(initial=0.1, maximum=5.0, multiplier=10.0, jitter=0.0)
+    assert [policy.delay(n) for n in (1, 2, 3)] == pytest.approx([0.1, 1.0, 5.0])
+    for attempt in (1_000, 10**6, 10**12):
+        assert policy.delay(attempt) == 5.0
+
+
+async def test_calls_whose_deadline_passes_in_the_admission_queue_leave_it() -> None:
+    async with ucxrpc.Manager() as manager:
+        server = ucxrpc.Server(max_concurrency=1)
+        started: list[int] = []
+        release = asyncio.Event()
+
+        @server.rpc
+        async def work(i: int) -> int:
+            started.append(i)
+            await release.wait()
+            return i
+
+        await server.start(manager)
+        client = await manager.connect("127.0.0.1", server.port)
+        first = asyncio.ensure_future(client.call("work", 0))
+        await until(lambda: started == [0])
+        queued = [asyncio.ensure_future(client.call("work", i, timeout=0.2)) for i in (1, 2)]
+        results = await asyncio.gather(*queued, return_exceptions=True)
+        assert all(isinstance(r, ucxrpc.DeadlineExceeded) for r in results)
+        await until(lambda: server.inflight == 1)  # they left the server's queue too
+        release.set()
+        assert await first == 0
+        assert started == [0]  # the expired calls never ran
+        await client.close()
+        await server.stop()
+
+
+async def test_response_metadata_is_validated_like_request_metadata(manager: Any) -> None:
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def bad_key() -> str:
+        ucxrpc.current_call().response_metadata[1] = "x"  # type: ignore[index]
+        return "never sent"
+
+    await server.start(manager)
+    async with await manager.connect("127.0.0.1", server.port) as client:
+        with pytest.raises(ucxrpc.RpcError, match="metadata must map str to str or bytes"):
+            await client.call("bad_key", timeout=5)
+        with pytest.raises(ucxrpc.InvalidArgument, match="metadata must map str"):
+            await client.call("bad_key", metadata={"k": 1})  # type: ignore[dict-item]
+    await server.stop()
+
+
+async def test_a_cancel_while_the_request_waits_for_its_parts_is_honoured(
+    manager: ucxrpc.Manager,
+) -> None:
+    server = ucxrpc.Server()
+    ran: list[int] = []
+
+    @server.rpc
+    async def store(data: bytes) -> int:
+        ran.append(len(data))
+        return len(data)
+
+    await server.start(manager)
+    raw = RawPeer()
+    await raw.connect(server.port)
+    try:
+        enc = codec.encode(Kind.REQUEST, 9, [[b"d" * 100_000], {}], method="store")
+        (frame_tag, frame), (part_tag, part) = raw.out.send(9, enc)
+        await raw.send_tagged(frame_tag, frame)
+        await raw.send(9, codec.encode(Kind.CANCEL, 9))  # before the part
+        await raw.send_tagged(part_tag, part)
+        await raw.send(10, codec.encode(Kind.REQUEST, 10, [[b"e"], {}], method="store"))
+        _, value = await raw.expect_reply(10)
+        assert value == 1 and ran == [1]  # the cancelled call never ran, nor answered
+        with pytest.raises(TimeoutError):
+            await raw.expect_reply(9, 0.2)
+        await until(lambda: server.inflight == 0)
+    finally:
+        raw.close()
+    await server.stop()

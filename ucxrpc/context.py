@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import math
 import time
 from typing import Any, Literal
+
+from .errors import InvalidArgument
 
 __all__ = [
     "CallContext",
@@ -133,7 +136,18 @@ def time_remaining() -> float | None:
 
 def call_deadline(timeout: float | None, now: float) -> float | None:
     """The deadline of a call made now with ``timeout``: its own, or the deadline of the
-    call being handled if that is earlier (None: no deadline at all)."""
+    call being handled if that is earlier (None: no deadline at all).
+
+    Raises:
+        InvalidArgument: ``timeout`` is not a finite number of seconds >= 0 (NaN and
+            infinity are refused: use None for no deadline).
+    """
+    if timeout is not None and (
+        type(timeout) not in (int, float) or not (math.isfinite(timeout) and timeout >= 0)
+    ):
+        raise InvalidArgument(
+            f"timeout must be a finite number of seconds >= 0 (or None), not {timeout!r}"
+        )
     deadline = None if timeout is None else now + timeout
     outer = _current.get()
     if outer is None or outer.deadline is None:

@@ -10,6 +10,7 @@ longer after each failed attempt.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -66,5 +67,11 @@ class Reconnect:
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before attempt ``attempt`` (1-based)."""
-        base = min(self.initial * self.multiplier ** (attempt - 1), self.maximum)
+        base = self.initial
+        if self.multiplier > 1 and self.initial > 0:
+            # Past this many steps the delay is the maximum: never raise the multiplier
+            # to a power that overflows a float (after ~1000 attempts).
+            cap = math.log(self.maximum / self.initial) / math.log(self.multiplier)
+            steps = attempt - 1
+            base = self.maximum if steps >= cap else self.initial * self.multiplier**steps
         return base * (1 + random.uniform(-self.jitter, self.jitter))
