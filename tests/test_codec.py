@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ucxrpc import codec
 from ucxrpc.codec import Flags, Kind
 from ucxrpc.errors import ProtocolError, ResourceExhausted
+from ucxrpc.wire import codec
 
 values = st.recursive(
     st.none()

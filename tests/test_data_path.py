@@ -19,9 +19,9 @@ from conftest import until
 from helpers.rawpeer import RawPeer
 
 import ucxrpc
-from ucxrpc import codec
 from ucxrpc.codec import Kind
 from ucxrpc.transport import Worker, WorkerConfig
+from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from conftest import until
 
-from ucxrpc import codec
-from ucxrpc._engine import Engine
-from ucxrpc._ucx import Array, lib
+from ucxrpc.io.engine import Engine
+from ucxrpc.io.ucx import Array, lib
+from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(60)
 

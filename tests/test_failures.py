@@ -17,8 +17,8 @@ from conftest import hanging_server, until
 from helpers.rawpeer import RawPeer
 
 import ucxrpc
-from ucxrpc import codec
-from ucxrpc._control import read_message
+from ucxrpc.io.control import read_message
+from ucxrpc.wire import codec
 
 HELPERS = Path(__file__).parent / "helpers"
 

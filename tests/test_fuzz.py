@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ucxrpc import codec
 from ucxrpc.codec import Flags, Header, Kind
 from ucxrpc.errors import ProtocolError, ResourceExhausted, RpcError
 from ucxrpc.protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
+from ucxrpc.wire import codec
 
 SCALE = float(os.environ.get("UCXRPC_FUZZ_SCALE", "1"))
 SECRET, KEY, CONN = 0x1122334455667788, 0xABCDE12345, 4242

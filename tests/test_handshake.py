@@ -20,10 +20,11 @@ import pytest
 from conftest import until
 
 import ucxrpc
-from ucxrpc import _control, codec
-from ucxrpc._control import read_message, write_message
-from ucxrpc._ucxaddr import tl_name_checksum
 from ucxrpc.errors import ProtocolError, RpcError, Unauthenticated, Unavailable
+from ucxrpc.io import control as _control
+from ucxrpc.io.control import read_message, write_message
+from ucxrpc.wire import codec
+from ucxrpc.wire.ucxaddr import tl_name_checksum
 
 Message = dict[str, Any]
 Edit = Callable[[Message], Message] | None

@@ -11,7 +11,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ucxrpc import codec
 from ucxrpc.codec import Kind
 from ucxrpc.errors import ProtocolError, ResourceExhausted
 from ucxrpc.protocol import (
@@ -25,6 +24,7 @@ from ucxrpc.protocol import (
     Receive,
     Violation,
 )
+from ucxrpc.wire import codec
 
 # Sizes straddling UCX's rendezvous switch (8 KiB), the out-of-band threshold
 # (16 KiB), the largest inline frame (64 KiB) and 256 KiB.

@@ -6,7 +6,7 @@ import asyncio
 
 from conftest import until
 
-from ucxrpc._sched import PriorityLimiter
+from ucxrpc.io.sched import PriorityLimiter
 
 
 async def test_waiters_start_by_priority_then_fifo() -> None:

@@ -12,8 +12,8 @@ import pytest
 from conftest import until
 
 import ucxrpc
-from ucxrpc import codec
 from ucxrpc.codec import Kind
+from ucxrpc.wire import codec
 
 
 class Producer:

@@ -19,9 +19,8 @@ import pytest
 from pydantic import BaseModel
 
 import ucxrpc
-from ucxrpc import codec
-from ucxrpc._handlers import make_handler, value_validator
-from ucxrpc._wire import (
+from ucxrpc.calls.handlers import make_handler, value_validator
+from ucxrpc.calls.values import (
     as_buffer,
     as_bytearray,
     as_memoryview,
@@ -32,6 +31,7 @@ from ucxrpc._wire import (
     to_wire,
 )
 from ucxrpc.service import Buffer
+from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -2,7 +2,7 @@
 
 ``ucp_address_unpack`` trusts its input completely (a bad version byte is an assertion
 that aborts the process, a bad length a read past the buffer), so
-``ucxrpc._ucxaddr.validate_worker_address`` must refuse what UCX cannot take. The
+``ucxrpc.wire.ucxaddr.validate_worker_address`` must refuse what UCX cannot take. The
 property checked here, on real addresses of this machine's workers and on random,
 truncated and mutated bytes: an address is either refused by the validator, or UCX
 can make an endpoint from it (and send on it) without the process dying. Endpoints
@@ -33,15 +33,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ucxrpc
-from ucxrpc._control import read_message, write_message
-from ucxrpc._ucxaddr import (
+from ucxrpc.errors import ProtocolError
+from ucxrpc.io.control import read_message, write_message
+from ucxrpc.wire.ucxaddr import (
     KNOWN_TRANSPORTS,
     MAX_ADDRESS_SIZE,
     parse_worker_address,
     tl_name_checksum,
     validate_worker_address,
 )
-from ucxrpc.errors import ProtocolError
 
 #: UCX settings whose worker addresses differ in format or content.
 ADDRESS_OPTIONS: list[dict[str, str]] = [

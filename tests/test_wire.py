@@ -12,8 +12,8 @@ import uuid
 import numpy as np
 import pytest
 
-from ucxrpc import codec
-from ucxrpc._wire import from_array, to_wire
+from ucxrpc.calls.values import from_array, to_wire
+from ucxrpc.wire import codec
 
 
 class Mode(enum.IntEnum):

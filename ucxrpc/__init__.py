@@ -27,29 +27,29 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from ._wire import Buffer
     from .batch import BatchCall, call_many, split_results
-    from .client import Client
-    from .config import Config
-    from .context import CallContext, Metadata, current_call, current_deadline, time_remaining
-    from .interceptors import (
+    from .calls.client import Client
+    from .calls.context import CallContext, Metadata, current_call, current_deadline, time_remaining
+    from .calls.interceptors import (
         Interceptor,
         LoggingInterceptor,
         MetricsInterceptor,
         Proceed,
         TokenAuth,
     )
-    from .liveness import KeepAlive, Reconnect
-    from .manager import Manager, run, ucx_info
+    from .calls.liveness import KeepAlive, Reconnect
+    from .calls.manager import Manager, run, ucx_info
+    from .calls.reflection import MethodInfo, ServerDescription
+    from .calls.server import Server
+    from .calls.service import Service, rpc
+    from .calls.stream import Stream
+    from .calls.values import Buffer
+    from .io.config import Config
+    from .messaging.worker import Message, Worker, WorkerConfig, WorkerStats
     from .metrics import Metrics, MetricsEndpoint, enable_metrics, start_metrics_http
     from .pool import ClientPool
     from .protocol import Priority
-    from .reflection import MethodInfo, ServerDescription
     from .retry import Retry, RetryPolicy
-    from .server import Server
-    from .service import Service, rpc
-    from .stream import Stream
-    from .transport import Message, Worker, WorkerConfig, WorkerStats
 
 __all__ = [
     "BatchCall",
@@ -111,7 +111,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "BatchCall": ".batch",
-    "Buffer": "._wire",
+    "Buffer": ".calls.values",
     "CallContext": ".context",
     "Client": ".client",
     "ClientPool": ".pool",

@@ -18,7 +18,7 @@ from . import Manager, RpcError
 from ._cli_common import CliError, format_address, load_config, one_line, parse_address
 
 if TYPE_CHECKING:
-    from .transport import Worker
+    from .messaging.worker import Worker
 
 __all__ = ["HELP", "BENCHMARK_TAG", "Shell", "run_shell"]
 
@@ -70,7 +70,7 @@ def _float(text: str, what: str) -> float:
 
 
 def _tag(text: str) -> int:
-    from .transport import MAX_TAG
+    from .messaging.worker import MAX_TAG
 
     return _int(text, "TAG", high=MAX_TAG)
 
@@ -307,7 +307,7 @@ async def run_shell(address: str) -> None:
         CliError: ``address`` is malformed.
         RpcError: The first connection failed.
     """
-    from .transport import Worker, WorkerConfig
+    from .messaging.worker import Worker, WorkerConfig
 
     host, port = parse_address(address)
     async with Manager(load_config()) as manager:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from .errors import DeadlineExceeded, RpcError
 
 if TYPE_CHECKING:
-    from .transport import Worker
+    from .messaging.worker import Worker
 
 __all__ = ["BatchCall", "Caller", "call_many", "send_many", "split_results"]
 

@@ -11,9 +11,9 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
+from .calls.manager import Manager
+from .calls.server import Server
 from .errors import DeadlineExceeded
-from .manager import Manager
-from .server import Server
 
 __all__ = ["DemoReport", "build_server", "run_demo", "summarize", "tour"]
 

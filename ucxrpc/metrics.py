@@ -25,15 +25,15 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from .context import CallContext
+from .calls.context import CallContext
+from .calls.interceptors import DEFAULT_BUCKETS, MethodMetrics, TimedInterceptor
 from .errors import StatusCode
-from .interceptors import DEFAULT_BUCKETS, MethodMetrics, TimedInterceptor
 
 if TYPE_CHECKING:
     from prometheus_client.registry import CollectorRegistry
 
-    from .client import Client
-    from .server import Server
+    from .calls.client import Client
+    from .calls.server import Server
 
 __all__ = [
     "PROMETHEUS_CONTENT_TYPE",
@@ -126,8 +126,8 @@ class Metrics(TimedInterceptor):
             TypeError: ``target`` is neither a :class:`~ucxrpc.Server` nor a
                 :class:`~ucxrpc.Client`.
         """
-        from .client import Client
-        from .server import Server
+        from .calls.client import Client
+        from .calls.server import Server
 
         if isinstance(target, Server):
             if target not in self._servers:

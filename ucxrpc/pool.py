@@ -22,13 +22,13 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
-from .context import call_deadline
+from .calls.context import call_deadline
+from .calls.interceptors import Interceptor
 from .errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from .interceptors import Interceptor
 
 if TYPE_CHECKING:
-    from .client import Client
-    from .manager import Manager
+    from .calls.client import Client
+    from .calls.manager import Manager
 
 __all__ = ["ClientPool"]
 

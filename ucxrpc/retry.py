@@ -28,9 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .context import CallContext
+from .calls.context import CallContext
+from .calls.interceptors import Proceed
 from .errors import RpcError, StatusCode
-from .interceptors import Proceed
 
 __all__ = ["RETRY_ATTEMPT_KEY", "Retry", "RetryPolicy"]
 

@@ -15,11 +15,11 @@ from typing import Any
 from ucxx._lib import libucxx as lib
 from ucxx._lib.arr import Array
 
-from ucxrpc import codec
-from ucxrpc._control import initiate_handshake
-from ucxrpc._link import key_parts
 from ucxrpc.config import Config
+from ucxrpc.io.control import initiate_handshake
+from ucxrpc.io.link import key_parts
 from ucxrpc.protocol import Outbound
+from ucxrpc.wire import codec
 
 __all__ = ["RawPeer"]
 

@@ -4,7 +4,7 @@ Nothing here imports ucxx or asyncio. :class:`Inbound` turns frames and data par
 arriving in any order into frames delivered in send order, each with exactly the
 parts it announced; :class:`Outbound` numbers, stamps and tags what is sent, and
 coalesces queued frames; :class:`CallIds` allocates ids that never collide with a
-live call. The I/O layer (:mod:`ucxrpc._engine`, :mod:`ucxrpc.transport`) only moves
+live call. The I/O layer (:mod:`ucxrpc.io.engine`, :mod:`ucxrpc.transport`) only moves
 bytes and completions between UCX and these machines.
 """
 

@@ -39,9 +39,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
-from .. import codec
-from ..codec import Header, Kind
 from ..errors import ProtocolError, ResourceExhausted, RpcError
+from ..wire import codec
+from ..wire.codec import Header, Kind
 
 __all__ = [
     "Action",

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import codec
-from ..codec import Encoded
+from ..wire import codec
+from ..wire.codec import Encoded
 
 __all__ = ["Message", "Outbound"]
 

@@ -30,10 +30,10 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from . import codec
-from ._ucx import Array
-from ._ucx import lib as _ucx
-from .errors import ConnectionLost, RpcError, Unavailable
+from ..errors import ConnectionLost, RpcError, Unavailable
+from ..wire import codec
+from .ucx import Array
+from .ucx import lib as _ucx
 
 __all__ = ["Engine", "Op", "Router", "convert_ucx_error"]
 

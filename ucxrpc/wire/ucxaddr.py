@@ -67,7 +67,7 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 __all__ = [
     "MAX_ADDRESS_SIZE",

@@ -14,7 +14,7 @@ The handshake, three messages (each a 4-byte length and a msgpack map, at most
     server -> client   welcome    {v, addr, cid, max, key, [proof]}   or {error, message}
 
 * Every field is checked (type, range, length; the worker address by
-  :func:`ucxrpc._ucxaddr.validate_worker_address`) before anything reaches UCX, and a
+  :func:`ucxrpc.wire.ucxaddr.validate_worker_address`) before anything reaches UCX, and a
   message with a missing, malformed or unknown field is a :class:`ProtocolError`.
 * ``key`` is a random 16-byte secret of the sender's connection: the secret the sender
   expects in every frame it receives, and the key of its data tags.
@@ -39,9 +39,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from . import codec
-from ._ucxaddr import validate_worker_address
-from .errors import ProtocolError, Unauthenticated, Unavailable, error_from_status
+from ..errors import ProtocolError, Unauthenticated, Unavailable, error_from_status
+from ..wire import codec
+from ..wire.ucxaddr import validate_worker_address
 
 if TYPE_CHECKING:
     from .config import Config

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as _np
 
-from . import codec
-from .codec import Header, Kind
-from .errors import ConnectionLost, ProtocolError, RpcError
-from .protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
+from ..errors import ConnectionLost, ProtocolError, RpcError
+from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
+from ..wire import codec
+from ..wire.codec import Header, Kind
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from .engine import Engine
 
 __all__ = ["Link", "Owner", "key_parts"]
 

@@ -63,7 +63,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from typing_extensions import is_typeddict
 
-from .codec import ArrayData
+from ..wire.codec import ArrayData
 
 __all__ = [
     "Buffer",

@@ -3,7 +3,7 @@
 Arguments are validated from the function's annotations with pydantic; the error
 names the argument and the field path (``req.times: Input should be a valid integer``).
 Before pydantic, binary values are brought into their declared types
-(:func:`~ucxrpc._wire.converter_for`): what a handler gets depends on its annotation,
+(:func:`~ucxrpc.calls.values.converter_for`): what a handler gets depends on its annotation,
 never on how large the value was or how it travelled.
 """
 
@@ -24,9 +24,9 @@ from pydantic import (
     ValidationError,
 )
 
-from ._wire import Convert, converter_for
-from .errors import InvalidArgument, RpcError
-from .protocol import Priority
+from ..errors import InvalidArgument, RpcError
+from ..protocol import Priority
+from .values import Convert, converter_for
 
 __all__ = [
     "Handler",
@@ -76,7 +76,7 @@ def value_validator(
 ) -> Callable[[Any], Any] | None:
     """A function bringing one received value into ``annotation``.
 
-    Binary values are converted first (:func:`~ucxrpc._wire.converter_for`), then
+    Binary values are converted first (:func:`~ucxrpc.calls.values.converter_for`), then
     pydantic validates. Use it for every value that arrives on its own: results and
     stream items on the client, stream items on the server.
 
@@ -128,7 +128,7 @@ def stream_item_type(annotation: Any) -> Any | None:
 def resolve_hints(func: Callable[..., Any]) -> dict[str, Any]:
     """The resolved annotations of ``func``, ``Annotated`` metadata kept.
 
-    The metadata matters: :data:`~ucxrpc._wire.Buffer` and pydantic constraints
+    The metadata matters: :data:`~ucxrpc.calls.values.Buffer` and pydantic constraints
     (``Annotated[int, Field(gt=0)]``) live there.
 
     Raises:

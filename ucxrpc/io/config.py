@@ -1,0 +1,103 @@
+"""Settings shared by a manager and everything it owns."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["PROGRESS_MODES", "Config", "ProgressMode"]
+
+ProgressMode = Literal["blocking", "polling", "efficient"]
+
+#: What each progress mode does, and the names it also answers to.
+PROGRESS_MODES: dict[str, str] = {
+    "blocking": "spin while traffic flows, then sleep on the worker's fd (balanced)",
+    "polling": "never sleep: lowest latency, one core busy per process (latency)",
+    "efficient": "sleep on the fd as soon as nothing is pending (lowest CPU)",
+}
+_ALIASES = {"balanced": "blocking", "latency": "polling", "sleep": "efficient"}
+
+
+class Config(BaseSettings):
+    """Configuration of a :class:`~ucxrpc.Manager`.
+
+    Every field can also be set from the environment as ``UCXRPC_<FIELD>`` (for
+    example ``UCXRPC_PROGRESS_MODE=polling`` or
+    ``UCXRPC_UCX_OPTIONS='{"TLS": "tcp"}'``).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="UCXRPC_", frozen=True, extra="forbid")
+
+    progress_mode: ProgressMode = Field(
+        "blocking",
+        description="blocking (balanced, default), polling (latency) or efficient",
+    )
+    spin_us: float = Field(
+        200.0,
+        ge=0,
+        description="blocking mode: how long the engine keeps polling after the last "
+        "event before it sleeps on the worker's fd (should outlast a round trip)",
+    )
+    ucx_options: dict[str, str] = Field(
+        default_factory=dict,
+        description="UCX settings without the UCX_ prefix, e.g. {'TLS': 'tcp'}",
+    )
+    max_message_size: int = Field(
+        256 * 1024 * 1024, gt=0, description="largest message sent or accepted (bytes)"
+    )
+    receive_budget: int = Field(
+        1024 * 1024 * 1024,
+        gt=0,
+        description="data-part bytes one connection may have announced and not yet "
+        "delivered (at least max_message_size); beyond it a call gets ResourceExhausted",
+    )
+    part_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds a frame may wait for the data parts it announced; then its "
+        "call fails with ProtocolError and the parts are forgotten",
+    )
+    max_inflight: int = Field(
+        1024, gt=0, description="calls in flight per connection (client waits, server refuses)"
+    )
+    connect_timeout: float = Field(10.0, gt=0, description="seconds to set up a connection")
+    auth_token: SecretStr | None = Field(None, description="shared secret for connections")
+    reply_slot_size: int = Field(
+        4096,
+        ge=256,
+        le=8192,
+        description="size of the receive a caller posts for each reply; larger replies "
+        "travel as a frame plus data parts",
+    )
+    oob_threshold: int = Field(
+        16 * 1024, ge=1024, description="bytes-like values this large travel out of band"
+    )
+    stream_window: int = Field(
+        64,
+        ge=1,
+        le=65536,
+        description="stream items a server may send ahead of the consumer (flow control)",
+    )
+    expose_tracebacks: bool = Field(
+        True, description="send handler tracebacks to callers in RemoteError"
+    )
+
+    @field_validator("progress_mode", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            return _ALIASES.get(value, value)
+        return value
+
+    @field_validator("ucx_options", mode="before")
+    @classmethod
+    def _strip_prefix(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                (k[4:] if str(k).upper().startswith("UCX_") else str(k)).upper(): str(v)
+                for k, v in value.items()
+            }
+        return value

@@ -1,0 +1,339 @@
+"""The runtime: owns the UCX context and worker, the progress engine, the links of
+every connection made through it, and the order things close in at shutdown.
+
+This is the I/O layer's half of :class:`ucxrpc.Manager` (which adds ``connect()``, in
+the RPC layer); the messaging layer's :class:`~ucxrpc.transport.Worker` runs on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..errors import ResourceExhausted, Unavailable
+from ..protocol import Budget, random_id
+from ..wire import codec
+from ..wire.ucxaddr import validate_worker_address
+from .config import Config
+from .engine import Engine
+from .link import Link, Owner
+from .ucx import lib, ucx_version
+
+__all__ = ["Closer", "Config", "Runtime", "run", "ucx_info"]
+
+log = logging.getLogger("ucxrpc")
+T = TypeVar("T")
+
+#: Closes something the runtime owns at shutdown; gets the grace period in seconds.
+Closer = Callable[[float], Awaitable[None]]
+
+
+class Runtime:
+    """Owns one UCX context and worker, the progress engine and the connections' links.
+
+    Use it as an async context manager, or call :meth:`start` and :meth:`shutdown`.
+
+    Args:
+        config: The configuration (default: ``Config()``, which reads ``UCXRPC_*``).
+        **overrides: Fields that replace those of ``config``.
+
+    Two runtimes alive in one process are fully independent: each has its own UCX
+    context, worker and progress engine, and they can connect to each other.
+    """
+
+    def __init__(self, config: Config | None = None, **overrides: Any) -> None:
+        base = config if config is not None else Config()
+        if overrides:
+            base = Config.model_validate({**base.model_dump(), **overrides})
+        self.config = base
+        self._ctx: Any = None
+        self._worker: Any = None
+        self._engine: Engine | None = None
+        self._conns: dict[int, Link] = {}
+        #: Frames dropped because no connection of this worker has their id.
+        self.dropped = 0
+        #: What to close at shutdown, by stage (clients 0, servers 1), in order added.
+        self._owned: dict[object, tuple[int, Closer]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._leftover: list[Any] = []
+        self._state = "new"
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> Runtime:
+        """Create the UCX context and worker and start the progress engine (idempotent)."""
+        if self._state == "running":
+            return self
+        if self._state != "new":
+            raise Unavailable("this manager has been shut down")
+        loop = asyncio.get_running_loop()
+        cfg = self.config
+        try:
+            self._ctx = lib.UCXContext(dict(cfg.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
+            self._worker = lib.UCXWorker(self._ctx)
+            self._worker.init_blocking_progress_mode()
+        except Exception as exc:
+            self._ctx = self._worker = None
+            opts = ", ".join(f"UCX_{k}={v}" for k, v in cfg.ucx_options.items()) or "none"
+            raise Unavailable(
+                f"cannot initialise UCX: {exc} (ucx_options: {opts}; `ucxrpc info` or "
+                "`ucx_info -c` lists the valid ones)"
+            ) from None
+        self._engine = Engine(
+            self._worker,
+            loop,
+            mode=cfg.progress_mode,
+            spin=cfg.spin_us / 1e6,
+            router=self,
+            junk_limit=max(cfg.max_message_size, 256 << 20),
+        )
+        self._state = "running"
+        return self
+
+    async def __aenter__(self) -> Runtime:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    @property
+    def running(self) -> bool:
+        """True between :meth:`start` and :meth:`shutdown`."""
+        return self._state == "running"
+
+    async def shutdown(self, grace: float = 0.0) -> None:
+        """Stop every server, close every client and endpoint, stop the engine.
+
+        Args:
+            grace: Seconds servers may spend draining in-flight calls.
+        """
+        if self._state != "running":
+            self._state = "closed"
+            return
+        self._state = "closing"
+        # Clients (stage 0) first: their pending calls end with Cancelled, not with
+        # ConnectionLost from our own servers going away underneath them.
+        for _, closer in sorted(self._owned.values(), key=lambda entry: entry[0]):
+            await closer(grace)
+        self._owned.clear()
+        engine = self._engine
+        assert engine is not None
+        self._leftover = engine.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+        self._engine = None
+        # The worker must go before the buffers of requests it might still write into.
+        self._worker = None
+        self._ctx = None
+        self._leftover.clear()
+        self._state = "closed"
+
+    # -- services for servers and clients ------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The progress engine (raises when the manager is not running)."""
+        if self._engine is None or self._state != "running":
+            raise Unavailable("the manager is not running")
+        return self._engine
+
+    @property
+    def worker_address(self) -> bytes:
+        """This worker's UCX address (what peers connect to)."""
+        self.engine  # noqa: B018 - raises when not running
+        return bytes(self._worker.address.tobytes())
+
+    def endpoint_to(self, address: bytes) -> Any:
+        """Create a UCX endpoint to a peer worker from its (validated) address.
+
+        Raises:
+            ProtocolError: ``address`` is not a UCX worker address.
+            Unavailable: UCX cannot reach it.
+        """
+        validate_worker_address(address)
+        try:
+            addr = lib.UCXAddress.create_from_buffer(address)
+            return self._worker.create_endpoint_from_worker_address(addr, False)
+        except Exception as exc:
+            raise Unavailable(f"cannot reach the peer's UCX worker: {exc}") from None
+
+    async def close_endpoint(self, ep: Any, timeout: float = 1.0) -> None:
+        """Close a UCX endpoint, waiting at most ``timeout`` for the flush."""
+        if self._engine is None or ep is None:
+            return
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        try:
+            req = ep.close()
+        except Exception:
+            return
+        if req.completed:
+            return
+
+        def closed(_exc: BaseException | None) -> None:
+            if not done.done():
+                done.set_result(None)
+
+        self._engine.add(req, closed)
+        try:
+            await asyncio.wait_for(done, timeout)
+        except TimeoutError:
+            log.debug("ucxrpc: endpoint close did not finish in %.1fs", timeout)
+
+    def open_link(self, owner: Owner, key: bytes | None = None) -> Link:
+        """A new connection's link, under a random id unique among this worker's live
+        connections.
+
+        Args:
+            owner: What the link delivers to.
+            key: The connection's 16-byte key (default: a fresh random one).
+
+        Returns:
+            The link, not yet joined to an endpoint (:meth:`Link.connect`).
+        """
+        if len(self._conns) >= codec.MAX_CONN_ID // 2:
+            raise ResourceExhausted("too many connections on this worker")
+        key = secrets.token_bytes(16) if key is None else key
+        cfg = self.config
+        budget = Budget(
+            max_message=cfg.max_message_size,
+            max_bytes=max(cfg.receive_budget, cfg.max_message_size),
+            part_timeout=cfg.part_timeout,
+        )
+        conn_id = random_id(codec.MAX_CONN_ID, self._conns)
+        link = Link(self.engine, conn_id, key, owner, budget)
+        self._conns[conn_id] = link
+        return link
+
+    def unregister(self, conn_id: int) -> None:
+        """Forget a connection id (its link stops receiving)."""
+        link = self._conns.pop(conn_id, None)
+        if link is not None:
+            link.close()
+
+    # -- the engine's router ------------------------------------------------------------
+
+    def on_frame(self, tag: int, buf: bytearray) -> None:
+        """Route a frame to its connection; drop (and count) it when there is none."""
+        link = self._conns.get((tag >> 40) & codec.MAX_CONN_ID)
+        if link is None:
+            self.dropped += 1
+        else:
+            link.on_frame(tag, buf)
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        """Route a probed data part to its connection; throw it away when there is none."""
+        link = self._conns.get((tag >> 40) & codec.MAX_CONN_ID)
+        if link is None:
+            self.engine.discard(handle, length)
+        else:
+            link.on_part(tag, length, handle)
+
+    def on_oversized(self, tag: int, length: int) -> None:
+        """A frame longer than any frame may be: its sender's connection is broken."""
+        link = self._conns.get((tag >> 40) & codec.MAX_CONN_ID)
+        if link is None:
+            self.dropped += 1
+        else:
+            link.on_oversized(tag, length)
+
+    @property
+    def executor(self) -> ThreadPoolExecutor:
+        """The thread pool that runs plain (non-async) handlers."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(thread_name_prefix="ucxrpc-handler")
+        return self._executor
+
+    # -- what closes at shutdown --------------------------------------------------------
+
+    def own(self, owner: object, stage: int, closer: Closer) -> None:
+        """Close ``owner`` with ``closer(grace)`` at :meth:`shutdown` (lower stages first).
+
+        Clients use stage 0, servers and messaging workers stage 1.
+        """
+        self._owned[owner] = (stage, closer)
+
+    def disown(self, owner: object) -> None:
+        """``owner`` closed itself: nothing to do for it at shutdown."""
+        self._owned.pop(owner, None)
+
+    @property
+    def posted_receives(self) -> int:
+        """Receives posted on the worker and not yet completed or cancelled."""
+        return 0 if self._engine is None else self._engine.posted_receives
+
+    @property
+    def awaited_parts(self) -> int:
+        """Data parts announced by peers and not yet arrived, over every connection."""
+        return sum(link.inbound.awaited_parts for link in self._conns.values())
+
+    @property
+    def announced_bytes(self) -> int:
+        """Data-part bytes announced by peers and not yet delivered, over every connection."""
+        return sum(link.inbound.announced_bytes for link in self._conns.values())
+
+    @property
+    def connections(self) -> int:
+        """Live connections (client and server side) on this worker."""
+        return len(self._conns)
+
+
+def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
+    """Run ``main`` to completion on a new event loop, with uvloop when it is installed.
+
+    Args:
+        main: The coroutine to run.
+        debug: Run the loop in debug mode.
+
+    Returns:
+        What ``main`` returned.
+    """
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(main, debug=debug)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop, debug=debug) as runner:
+        return runner.run(main)
+
+
+_RESOURCE = re.compile(r"^#\s*resource\s+\d+\s*:.*--\s*(\S+)/(\S+)\s*$", re.MULTILINE)
+
+
+def ucx_info(config: Config | None = None) -> dict[str, Any]:
+    """UCX's version, and the transports and devices a UCX context sees.
+
+    Args:
+        config: Whose ``ucx_options`` to apply (default: ``Config()``, which reads
+            ``UCXRPC_*`` variables).
+
+    Returns:
+        ``{"version": ..., "transports": {name: [devices]}, "options": {...}}``: the
+        UCX settings in effect for ``TLS``, ``NET_DEVICES``, the given options and any
+        ``UCX_*`` environment variables; ``{"version": ..., "error": ...}`` when UCX
+        refuses the options.
+    """
+    config = config or Config()
+    out: dict[str, Any] = {"version": ucx_version()}
+    try:
+        ctx = lib.UCXContext(dict(config.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
+    except Exception as exc:  # a bad UCX_* setting: report it, the rest is still useful
+        out["error"] = str(exc)
+        return out
+    transports: dict[str, list[str]] = {}
+    for tl, dev in _RESOURCE.findall(str(ctx.info)):
+        devices = transports.setdefault(tl, [])
+        if dev not in devices:
+            devices.append(dev)
+    out["transports"] = transports
+    ucx_config: dict[str, str] = dict(ctx.config)
+    shown = {"TLS", "NET_DEVICES", *config.ucx_options}
+    shown |= {k[4:] for k in os.environ if k.startswith("UCX_")}
+    out["options"] = {k: ucx_config[k] for k in sorted(shown) if k in ucx_config}
+    return out
