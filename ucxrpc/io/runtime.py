@@ -74,6 +74,11 @@ class Runtime:
             raise Unavailable("this manager has been shut down")
         loop = asyncio.get_running_loop()
         cfg = self.config
+        unified = cfg.ucx_options.get("UNIFIED_MODE", os.environ.get("UCX_UNIFIED_MODE", "n"))
+        if unified.strip().lower() in ("y", "yes", "1", "on", "true"):
+            # Its worker addresses are packed differently: peers' addresses could not be
+            # validated before UCX reads them.
+            raise Unavailable("UCX_UNIFIED_MODE is not supported by ucxrpc")
         try:
             self._ctx = lib.UCXContext(dict(cfg.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
             self._worker = lib.UCXWorker(self._ctx)
