@@ -172,6 +172,9 @@ class Pair(RuleBasedStateMachine):
             b"\xee" * size,
         )
 
+    # UCX delivers frames promptly; a frame missing longer than the timeout is a lost
+    # one (a violation, tested on its own): time passes only once frames are in.
+    @precondition(lambda self: not self.wire.frames)
     @rule(seconds=st.sampled_from([0.5, 6.0]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
@@ -288,9 +291,7 @@ def test_a_frame_announcing_parts_beyond_the_budget_allocates_nothing() -> None:
     (fail,) = inb.take()
     assert isinstance(fail, Fail) and isinstance(fail.error, ResourceExhausted)
     inb.on_part(pt, len(part), "h")
-    assert inb.take() == []  # held as a stranger's part, then dropped
-    inb.expire(1e9)
-    assert inb.take() == [Discard("h", len(part))]
+    assert inb.take() == [Discard("h", len(part))]  # its frame is gone: dropped at once
     assert allocated == []
     assert inb.announced_bytes == 0
 

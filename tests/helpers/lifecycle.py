@@ -6,12 +6,26 @@ import asyncio
 import os
 import sys
 import threading
+import time
 
 import ucxrpc
 
 
 def os_threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+    """OS threads of this process, once the count has settled.
+
+    ``Thread.join()`` (the handler pool's shutdown joins its threads) returns when the
+    thread has released its Python state, a moment before the kernel task is gone; so
+    read until the count has been steady for 50 ms (at most 2 s).
+    """
+    deadline = time.monotonic() + 2.0
+    count, since = len(os.listdir("/proc/self/task")), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - since < 0.05:
+        now = len(os.listdir("/proc/self/task"))
+        if now != count:
+            count, since = now, time.monotonic()
+        time.sleep(0.005)
+    return count
 
 
 async def one_round() -> None:

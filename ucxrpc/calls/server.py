@@ -640,9 +640,9 @@ class _ServerConn:
         except ProtocolError:
             count = None
         if type(count) is not int or not 0 < count <= MAX_WINDOW:
-            task = self.calls.pop(call_id, None)
+            task = self.calls.get(call_id)
             if task is not None:
-                task.cancel()
+                task.cancel()  # its done callback frees the call's state
             self.reply_error(call_id, ProtocolError("malformed CREDIT frame"))
             return
         credit = self.credits.get(call_id)
@@ -665,7 +665,10 @@ class _ServerConn:
         if not notify and call_id in self.calls:
             self.reply_error(call_id, ProtocolError(f"call id {call_id} is already in flight"))
             return
-        if len(self.calls) + len(self.notes) >= self._max_inflight:
+        # Replies the peer has not taken yet count too: a peer that never receives
+        # cannot make the server hold more than max_inflight of them.
+        pending = 0 if self.link is None else self.link.pending_sends
+        if len(self.calls) + len(self.notes) + pending >= self._max_inflight:
             if not notify:
                 self.reply_error(
                     call_id,

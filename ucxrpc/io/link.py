@@ -106,6 +106,9 @@ class Link:
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: UCX sends handed over and not yet completed (a peer that does not receive
+        #: what is sent makes this grow: the server counts it against max_inflight).
+        self.pending_sends = 0
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -149,7 +152,11 @@ class Link:
                 owner.failed(action.call_id, action.kind, action.error)
             elif type(action) is Violation:
                 self._broken(action.error)
-        if inbound.awaited_parts and self._timer is None and not self.closed:
+        if (
+            (inbound.awaited_parts or inbound.waiting_frames)
+            and self._timer is None
+            and not self.closed
+        ):
             self._timer = self.loop.call_later(inbound.budget.part_timeout / 2, self._expire)
 
     def _part_done(self, token: Any) -> Done:
@@ -212,9 +219,15 @@ class Link:
         engine, ep = self.engine, self.ep
         cb = self._sent if done is None else self._counting(len(messages), done)
         for tag, buf in messages:
-            engine.send(ep, buf, tag, cb)
+            self.pending_sends += 1
+            try:
+                engine.send(ep, buf, tag, cb)
+            except RpcError:
+                self.pending_sends -= 1
+                raise
 
     def _sent(self, exc: BaseException | None) -> None:
+        self.pending_sends -= 1
         if exc is not None:
             self._broken(exc if isinstance(exc, RpcError) else ConnectionLost(str(exc)))
 
@@ -224,7 +237,7 @@ class Link:
 
         def one(exc: BaseException | None) -> None:
             nonlocal remaining
-            self._sent(exc)
+            self._sent(exc)  # counts the send as done
             if exc is not None and not first:
                 first.append(exc)
             remaining -= 1

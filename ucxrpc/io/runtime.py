@@ -210,6 +210,7 @@ class Runtime:
         budget = Budget(
             max_message=cfg.max_message_size,
             max_bytes=max(cfg.receive_budget, cfg.max_message_size),
+            max_held=min(64 << 20, max(cfg.receive_budget, cfg.max_message_size)),
             part_timeout=cfg.part_timeout,
         )
         conn_id = random_id(codec.MAX_CONN_ID, self._conns)

@@ -105,8 +105,13 @@ class Budget(NamedTuple):
         max_message: The largest message (frame plus parts) accepted.
         max_bytes: Part bytes announced by frames not yet delivered.
         max_parts: Parts announced and not yet arrived.
-        max_ahead: Frames received ahead of the next one in order.
-        max_early: Parts that arrived before their frame (held, not received).
+        max_ahead: Frames received ahead of the next one in order (a seq further
+            ahead is a violation).
+        max_held: Bytes of frames received and not yet delivered (frames ahead of a
+            gap, frames waiting for their parts); more is a violation.
+        max_early: Parts that arrived before their frame (held, not received). Only
+            parts whose tag names a frame inside the window are held; over TCP a
+            rendezvous frame often completes after the parts of later frames.
         part_timeout: Seconds a frame may wait for its parts.
     """
 
@@ -114,7 +119,8 @@ class Budget(NamedTuple):
     max_bytes: int = 1024 * 1024 * 1024
     max_parts: int = 4096
     max_ahead: int = 4096
-    max_early: int = 256
+    max_held: int = 64 * 1024 * 1024
+    max_early: int = 4096
     part_timeout: float = 30.0
 
 
@@ -124,7 +130,17 @@ DEFAULT_BUDGET: Final = Budget()
 class _Entry:
     """A frame received and not yet delivered."""
 
-    __slots__ = ("bytes", "call_id", "error", "header", "kind", "missing", "parts", "payload")
+    __slots__ = (
+        "bytes",
+        "call_id",
+        "error",
+        "header",
+        "kind",
+        "missing",
+        "parts",
+        "payload",
+        "size",
+    )
 
     def __init__(self, call_id: int, kind: Kind | None) -> None:
         self.call_id = call_id
@@ -134,6 +150,7 @@ class _Entry:
         self.parts: list[Any] = []
         self.missing = 0
         self.bytes = 0
+        self.size = 0
         self.error: RpcError | None = None
 
 
@@ -191,6 +208,8 @@ class Inbound:
         self._expected: dict[int, _Expected] = {}
         self._early: dict[int, tuple[int, Any, float]] = {}
         self._bytes = 0
+        self._held = 0
+        self._gap_since: float | None = None
         self._actions: list[Action] = []
         self.broken: ProtocolError | None = None
         #: Frames dropped because they carried another connection's secret.
@@ -272,7 +291,16 @@ class Inbound:
             return
         expected = self._expected.pop(tag, None)
         if expected is None:
-            if len(self._early) >= self.budget.max_early or tag in self._early:
+            # Which frame would this part belong to? Only the key holder can tell: a
+            # stranger's guess lands far outside the window and is thrown away.
+            low = (tag ^ self.key) & codec.KEY_MASK
+            ahead = ((low >> 8) - self._next) & _SEQ_MASK
+            if (
+                ahead >= self.budget.max_ahead
+                or low & 0xFF == 0
+                or len(self._early) >= self.budget.max_early
+                or tag in self._early
+            ):
                 self._actions.append(Discard(handle, length))
                 return
             self._early[tag] = (length, handle, self._clock())
@@ -304,6 +332,14 @@ class Inbound:
         for tag in [t for t, (_, _, since) in self._early.items() if since <= limit]:
             length, handle, _ = self._early.pop(tag)
             self._actions.append(Discard(handle, length))
+        if self._gap_since is not None and self._gap_since <= limit and self.broken is None:
+            # Frames wait behind one that never came (a lost or withheld frame): the
+            # connection cannot go on in order.
+            self._violation(
+                f"frame {self._next} did not arrive within {self.budget.part_timeout} s "
+                f"while {len(self._entries)} later frames waited"
+            )
+            return
         self._flush()
 
     def close(self) -> None:
@@ -314,6 +350,7 @@ class Inbound:
         self._expected.clear()
         self._entries.clear()
         self._bytes = 0
+        self._held = 0
 
     # -- internals ------------------------------------------------------------------------
 
@@ -330,7 +367,15 @@ class Inbound:
         if seq in self._entries:
             self._violation(f"frame {seq} arrived twice")
             return
+        held = self._held + len(buf)
+        if held > self.budget.max_held:
+            self._violation(
+                f"{held} bytes of frames held undelivered (limit {self.budget.max_held})"
+            )
+            return
         entry = _Entry(prefix.call_id, _KINDS.get(prefix.kind))
+        entry.size = len(buf)
+        self._held = held
         self._entries[seq] = entry
         try:
             header, payload = codec.decode_header(buf)
@@ -403,6 +448,11 @@ class Inbound:
         while True:
             entry = entries.get(self._next)
             if entry is None or (entry.missing > 0 and entry.error is None):
+                if entry is None and entries:
+                    if self._gap_since is None:
+                        self._gap_since = self._clock()
+                else:
+                    self._gap_since = None
                 return
             if entry.error is not None:
                 # Deliver the failure now; parts still on their way stay expected and
@@ -415,6 +465,7 @@ class Inbound:
                 self._bytes -= entry.bytes
                 self._actions.append(Deliver(header, entry.payload, entry.parts))
             del entries[self._next]
+            self._held -= entry.size
             self._next = (self._next + 1) & _SEQ_MASK
             self.delivered += 1
 
