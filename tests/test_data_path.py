@@ -364,3 +364,33 @@ async def test_a_cancel_while_the_request_waits_for_its_parts_is_honoured(
     finally:
         raw.close()
     await server.stop()
+
+
+async def test_a_flooding_client_does_not_starve_another_one() -> None:
+    async with ucxrpc.Manager() as manager:
+        server = ucxrpc.Server(max_concurrency=2)
+
+        @server.rpc
+        async def work() -> None:
+            await asyncio.sleep(0.01)
+
+        await server.start(manager)
+        flooder = await manager.connect("127.0.0.1", server.port)
+        other = await manager.connect("127.0.0.1", server.port)
+        done = 0
+
+        async def flood_one() -> None:
+            nonlocal done
+            await flooder.call("work")
+            done += 1
+
+        floods = [asyncio.ensure_future(flood_one()) for _ in range(200)]
+        await until(lambda: server.inflight >= 100)  # the flood is queued at the server
+        await other.call("work", timeout=30)
+        # Connections take turns: the other client's call ran after a few of the
+        # flooder's, not after all 200.
+        assert done < 20, done
+        await asyncio.gather(*floods)
+        await flooder.close()
+        await other.close()
+        await server.stop()

@@ -46,3 +46,25 @@ async def test_unlimited() -> None:
     limiter = PriorityLimiter(None)
     for _ in range(100):
         assert limiter.try_acquire()
+
+
+async def test_keys_take_turns_within_a_priority() -> None:
+    limiter = PriorityLimiter(1)
+    await limiter.acquire()
+    order: list[str] = []
+
+    async def wait(key: str, priority: int = 1) -> None:
+        await limiter.acquire(priority, key)
+        order.append(key)
+        limiter.release()
+
+    # A flooder queues 50 calls before the other client's two.
+    tasks = [asyncio.ensure_future(wait("flood")) for _ in range(50)]
+    tasks += [asyncio.ensure_future(wait("other")) for _ in range(2)]
+    tasks.append(asyncio.ensure_future(wait("urgent", 2)))
+    await asyncio.sleep(0)
+    limiter.release()
+    await asyncio.gather(*tasks)
+    assert order[0] == "urgent"  # a higher priority first
+    assert order.index("other") <= 2 and order[1:5].count("other") == 2
+    assert order.count("flood") == 50

@@ -392,7 +392,7 @@ class Server:
             )
             enter(ctx)
             if not self._limiter.try_acquire():
-                await self._admit(priority, deadline, header.method)
+                await self._admit(priority, deadline, header.method, conn)
             acquired = True
             if deadline is not None and deadline <= loop.time():
                 raise DeadlineExceeded(f"deadline passed before {header.method!r} started")
@@ -420,15 +420,17 @@ class Server:
             if acquired:
                 self._limiter.release()
 
-    async def _admit(self, priority: int, deadline: float | None, method: str) -> None:
-        """Wait for a slot under ``max_concurrency``; a call whose deadline passes
-        while it waits leaves the queue."""
+    async def _admit(
+        self, priority: int, deadline: float | None, method: str, conn: _ServerConn
+    ) -> None:
+        """Wait for a slot under ``max_concurrency`` (connections take turns within a
+        priority); a call whose deadline passes while it waits leaves the queue."""
         if deadline is None:
-            await self._limiter.acquire(priority)
+            await self._limiter.acquire(priority, conn)
             return
         try:
             async with asyncio.timeout_at(deadline):
-                await self._limiter.acquire(priority)
+                await self._limiter.acquire(priority, conn)
         except TimeoutError:
             raise DeadlineExceeded(f"deadline passed while {method!r} waited to start") from None
 
