@@ -4,6 +4,7 @@ messages in any order (no UCX here: the machines are pure)."""
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any
 
 import pytest
@@ -230,8 +231,9 @@ class Pair(RuleBasedStateMachine):
 
 
 Pair.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=30,
+    # UCXRPC_FUZZ_SCALE=10 (say) for a deeper run than the suite's.
+    max_examples=600 * int(os.environ.get("UCXRPC_FUZZ_SCALE", "1")),
+    stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
