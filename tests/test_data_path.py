@@ -394,3 +394,20 @@ async def test_a_flooding_client_does_not_starve_another_one() -> None:
         await flooder.close()
         await other.close()
         await server.stop()
+
+
+async def test_shared_memory_is_an_explicit_opt_in_on_both_sides() -> None:
+    async with (
+        ucxrpc.Manager(peer_error_handling=False) as fast_server_side,
+        ucxrpc.Manager(peer_error_handling=False) as fast_client_side,
+        ucxrpc.Manager() as safe_side,
+    ):
+        server = mixed_server()
+        await server.start(fast_server_side)
+        client = await fast_client_side.connect("127.0.0.1", server.port)
+        assert await client.call("echo", b"s" * 300_000) == b"s" * 300_000
+        with pytest.raises(ucxrpc.RpcError, match="peer_error_handling") as caught:
+            await safe_side.connect("127.0.0.1", server.port)
+        assert caught.value.code == ucxrpc.StatusCode.FAILED_PRECONDITION
+        await client.close()
+        await server.stop()

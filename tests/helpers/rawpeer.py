@@ -59,7 +59,7 @@ class RawPeer:
         self.out = Outbound(hs.peer_conn_id, self.server_secret, self.server_key)
         self.secret, _ = key_parts(self.key)
         addr = lib.UCXAddress.create_from_buffer(hs.peer_address)
-        self.ep = self.worker.create_endpoint_from_worker_address(addr, False)
+        self.ep = self.worker.create_endpoint_from_worker_address(addr, True)
 
     async def progress_until(self, req: Any, seconds: float = 5.0) -> None:
         end = time.monotonic() + seconds

@@ -214,7 +214,11 @@ class Client:
         reader, writer = await asyncio.open_connection(host, port)
         self._reader, self._writer = reader, writer
         link = self.link = manager.open_link(self)
-        extra = {"slot": self._slot_size, "win": self._window}
+        extra = {
+            "slot": self._slot_size,
+            "win": self._window,
+            "eh": int(manager.config.peer_error_handling),
+        }
         hs = await initiate_handshake(
             reader,
             writer,

@@ -584,6 +584,7 @@ class _ServerConn:
             raise MethodNotFound(
                 "this is an RPC server: connect with manager.connect(), not Worker.connect()"
             )
+        self.manager.check_peer_mode(hello)
         window = hello.get("win")
         if type(window) is int and 0 < window <= MAX_WINDOW:
             self.window = window

@@ -44,6 +44,15 @@ class Config(BaseSettings):
         default_factory=dict,
         description="UCX settings without the UCX_ prefix, e.g. {'TLS': 'tcp'}",
     )
+    peer_error_handling: bool = Field(
+        True,
+        description="create UCX endpoints with peer error handling (the safe default): "
+        "a peer that dies mid-transfer fails its requests instead of aborting or wedging "
+        "this process. UCX then uses TCP (or RDMA) even on one host. False allows shared "
+        "memory (faster on one host) at a documented risk: with CMA a peer killed "
+        "mid-transfer aborts the survivor; without CMA it can wedge shared-memory "
+        "delivery for good",
+    )
     max_message_size: int = Field(
         256 * 1024 * 1024, gt=0, description="largest message sent or accepted (bytes)"
     )

@@ -10,7 +10,7 @@ The handshake, three messages (each a 4-byte length and a msgpack map, at most
 :data:`HELLO_LIMIT` bytes, each read under ``config.connect_timeout``)::
 
     server -> client   challenge  {v, challenge}
-    client -> server   hello      {v, addr, cid, max, nonce, key, [proof], slot?, win?, role?}
+    client -> server   hello      {v, addr, cid, max, nonce, key, [proof], slot?, win?, role?, eh?}
     server -> client   welcome    {v, addr, cid, max, key, [proof]}   or {error, message}
 
 * Every field is checked (type, range, length; the worker address by
@@ -207,7 +207,7 @@ def _check_challenge(first: dict[str, Any]) -> bytes:
 
 
 _HELLO_REQUIRED: Final = ("v", "addr", "cid", "max", "nonce", "key")
-_HELLO_OPTIONAL: Final = ("proof", "slot", "win", "role")
+_HELLO_OPTIONAL: Final = ("proof", "slot", "win", "role", "eh")
 _WELCOME_REQUIRED: Final = ("v", "addr", "cid", "max", "key")
 _WELCOME_OPTIONAL: Final = ("proof",)
 
@@ -228,6 +228,8 @@ def _check_hello(hello: dict[str, Any]) -> None:
         _int(hello, "win", 1, _MAX_WINDOW, what)
     if "role" in hello and hello["role"] not in _ROLES:
         raise ProtocolError(f"{what}: 'role' must be one of {sorted(_ROLES)}")
+    if "eh" in hello:
+        _int(hello, "eh", 0, 1, what)
 
 
 def _check_welcome(welcome: dict[str, Any]) -> None:

@@ -161,6 +161,8 @@ class Link:
 
     def _part_done(self, token: Any) -> Done:
         def done(exc: BaseException | None) -> None:
+            if isinstance(exc, ConnectionLost):
+                self._broken(exc)  # the peer is gone, not just this part
             self.inbound.on_part_done(token, exc is None)
             self._act()
 

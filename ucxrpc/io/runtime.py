@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from ..errors import ResourceExhausted, Unavailable
+from ..errors import ResourceExhausted, RpcError, StatusCode, Unavailable
 from ..protocol import Budget, random_id
 from ..wire import codec
 from ..wire.ucxaddr import validate_worker_address
@@ -80,7 +80,7 @@ class Runtime:
             # validated before UCX reads them.
             raise Unavailable("UCX_UNIFIED_MODE is not supported by ucxrpc")
         try:
-            self._ctx = lib.UCXContext(dict(cfg.ucx_options), (lib.Feature.TAG, lib.Feature.WAKEUP))
+            self._ctx = lib.UCXContext(_ucx_options(cfg), (lib.Feature.TAG, lib.Feature.WAKEUP))
             self._worker = lib.UCXWorker(self._ctx)
             self._worker.init_blocking_progress_mode()
         except Exception as exc:
@@ -165,13 +165,36 @@ class Runtime:
         validate_worker_address(address)
         try:
             addr = lib.UCXAddress.create_from_buffer(address)
-            return self._worker.create_endpoint_from_worker_address(addr, False)
+            return self._worker.create_endpoint_from_worker_address(
+                addr, self.config.peer_error_handling
+            )
         except Exception as exc:
             raise Unavailable(f"cannot reach the peer's UCX worker: {exc}") from None
+
+    def check_peer_mode(self, hello: dict[str, Any]) -> None:
+        """Refuse a peer whose endpoints use the other error-handling mode: the two
+        modes pick different UCX transports and would not reach each other.
+
+        Raises:
+            RpcError: ``FAILED_PRECONDITION``, naming the setting to change.
+        """
+        theirs = bool(hello.get("eh", 1))
+        ours = self.config.peer_error_handling
+        if theirs != ours:
+            raise RpcError(
+                StatusCode.FAILED_PRECONDITION,
+                f"the peer has peer_error_handling={theirs} and this side {ours}: "
+                "set the same on both (UCXRPC_PEER_ERROR_HANDLING)",
+            )
 
     async def close_endpoint(self, ep: Any, timeout: float = 1.0) -> None:
         """Close a UCX endpoint, waiting at most ``timeout`` for the flush."""
         if self._engine is None or ep is None:
+            return
+        try:
+            if not ep.alive:
+                return  # UCX closed it when the peer failed: closing again would crash
+        except Exception:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
@@ -289,6 +312,19 @@ class Runtime:
     def connections(self) -> int:
         """Live connections (client and server side) on this worker."""
         return len(self._conns)
+
+
+def _ucx_options(cfg: Config) -> dict[str, str]:
+    """The UCX options a runtime is created with.
+
+    Without peer error handling (the shared-memory opt-in), CMA is left out unless the
+    user chose the transports: a peer killed while CMA reads its memory aborts this
+    process.
+    """
+    options = dict(cfg.ucx_options)
+    if not cfg.peer_error_handling and "TLS" not in options and "UCX_TLS" not in os.environ:
+        options["TLS"] = "^cma"
+    return options
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:

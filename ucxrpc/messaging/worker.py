@@ -291,6 +291,7 @@ class Worker:
                     "this is a messaging endpoint (ucxrpc.transport.Worker), not an RPC "
                     "server: connect with Worker.connect()"
                 )
+            manager.check_peer_mode(hello)
             link = manager.open_link(peer, key)
             peer.link = link
             self._attach(peer, hello["addr"], hello["cid"], hello["key"], hello["max"])
@@ -330,7 +331,7 @@ class Worker:
                     self.manager.config,
                     self.manager.worker_address,
                     link.local_id,
-                    {"role": "messages"},
+                    {"role": "messages", "eh": int(self.manager.config.peer_error_handling)},
                     peer.label,
                     key=link.key,
                 )
