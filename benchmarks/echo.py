@@ -351,8 +351,14 @@ def spawn(role: str, impl: str, mode: str, extra: list[str], env: dict[str, str]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
 
 
-def run_pair(impl: str, mode: str, args: argparse.Namespace, source: str = "") -> Any:
-    env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", UCX_NET_DEVICES="lo")
+def run_pair(
+    impl: str,
+    mode: str,
+    args: argparse.Namespace,
+    source: str = "",
+    extra_env: dict[str, str] | None = None,
+) -> Any:
+    env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", UCX_NET_DEVICES="lo", **(extra_env or {}))
     if source:  # import ucxrpc from another checkout (a before/after comparison)
         env["PYTHONPATH"] = source
     if args.tls:
@@ -431,6 +437,12 @@ def main() -> None:
         rows["ucxrpc blocking (baseline)"] = run_pair("ucxrpc", "blocking", args, args.baseline)
     for mode in args.modes.split(","):
         rows[f"ucxrpc {mode}"] = run_pair("ucxrpc", mode, args)
+    if not args.tls:
+        # The shared-memory opt-in (endpoints without peer error handling; see
+        # docs/survival.md for its risk).
+        rows["ucxrpc blocking, shared memory opt-in"] = run_pair(
+            "ucxrpc", "blocking", args, extra_env={"UCXRPC_PEER_ERROR_HANDLING": "false"}
+        )
     ref = rows["raw ucxx (tag probe)"]
     print(
         f"\nunary echo, two processes on {HOST}"
