@@ -278,3 +278,16 @@ async def test_aclosing_a_stream_kept_in_a_variable(streaming: Streaming) -> Non
         assert not producer.ended.done()
     assert await asyncio.wait_for(producer.ended, 5) in ("cancelled", "closed")
     await until(lambda: server.inflight == 0 and client.pending == 0)
+
+
+def test_a_server_that_ignores_credits_fails_the_stream() -> None:
+    from ucxrpc.calls.stream import StreamCall
+
+    call = StreamCall(None, 7, window=2)  # type: ignore[arg-type]
+    for i in range(3):
+        encoded = codec.encode(Kind.ITEM, 7, i)
+        header, payload = codec.decode_header(encoded.frame)
+        call.on_frame(header, payload, [])
+    assert call.buffered == 2
+    assert isinstance(call.error, ucxrpc.ProtocolError)
+    assert "more than 2 items ahead" in call.error.message

@@ -186,6 +186,7 @@ class StreamCall:
     def __init__(self, client: Client, call_id: int, window: int) -> None:
         self.client = client
         self.call_id = call_id
+        self.window = window
         self.credit_step = max(window // 2, 1)
         # Each entry: (kind, value, metadata)
         self.items: deque[tuple[Kind, Any, Metadata | None]] = deque()
@@ -208,6 +209,10 @@ class StreamCall:
         kind = header.kind
         if kind is not _ITEM and kind is not _END and kind is not _ERROR:
             self.fail(ProtocolError(f"unexpected {kind.name} frame in a stream"))
+            return
+        if kind is _ITEM and len(self.items) >= self.window:
+            # The server may be at most a window ahead of what was taken.
+            self.fail(ProtocolError(f"the server sent more than {self.window} items ahead"))
             return
         try:
             value = codec.decode_payload(header, payload, parts, array_hook=from_array)
