@@ -197,16 +197,21 @@ class Link:
         if self.closed or outbound is None:
             raise ConnectionLost("connection closed")
         self.bytes_sent += encoded.size
-        if done is not None:
-            if outbound.queued:
-                self._flush()
-            self._put(outbound.send(call_id, encoded), done)
-        elif self._flush_pending:
-            outbound.queue(call_id, encoded)
-        else:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
-            self._put(outbound.send(call_id, encoded), None)
+        try:
+            if done is not None:
+                if outbound.queued:
+                    self._flush()
+                self._put(outbound.send(call_id, encoded), done)
+            elif self._flush_pending:
+                outbound.queue(call_id, encoded)
+            else:
+                self._flush_pending = True
+                self.loop.call_soon(self._flush)
+                self._put(outbound.send(call_id, encoded), None)
+        except RpcError as exc:
+            # A frame may have left without its parts: the peer's order is broken.
+            self._broken(exc)
+            raise
 
     def _flush(self) -> None:
         self._flush_pending = False
