@@ -1,8 +1,10 @@
-"""The package's layers: every import points down, no cycle, pure layers stay pure.
+"""No import cycle between the package's modules, lazy imports included.
 
-Every import counts, at module level or inside a function (a lazy import ties two
-modules together as much as any); only imports under ``if TYPE_CHECKING:`` are left
-out. ``ucxrpc/__init__.py`` is the package's face and re-exports from every layer.
+The layer contracts themselves (every import points down; the pure layers import
+neither ucxx nor asyncio) are import-linter's, in pyproject.toml, run by ``./dev test``
+(``lint-imports``). A layers contract says nothing about cycles inside one layer; this
+test does. Every import counts, at module level or inside a function; only imports
+under ``if TYPE_CHECKING:`` are left out. ``ucxrpc/__init__.py`` is the package's face.
 """
 
 from __future__ import annotations
@@ -10,57 +12,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent / "ucxrpc"
-
-# Lower numbers are lower layers (SPEC §1). Modules of one layer may import each other
-# (without a cycle); messaging and rpc sit side by side and may not import each other.
-LAYERS: dict[str, tuple[int, str]] = {
-    "errors": (0, "errors"),
-    "wire": (1, "wire"),
-    "protocol": (2, "protocol"),
-    "io": (3, "io"),
-    "calls": (4, "rpc"),
-    "messaging": (4, "messaging"),
-    "pool": (5, "extras"),
-    "retry": (5, "extras"),
-    "batch": (5, "extras"),
-    "metrics": (5, "extras"),
-    "demo": (5, "extras"),
-    # Old import paths kept for users: each re-exports one module of a layer.
-    **{
-        face: (6, "faces")
-        for face in (
-            "codec",
-            "config",
-            "runtime",
-            "manager",
-            "server",
-            "client",
-            "stream",
-            "service",
-            "context",
-            "interceptors",
-            "reflection",
-            "liveness",
-            "transport",
-        )
-    },
-    "cli": (7, "cli"),
-}
-PURE = {"errors", "wire", "protocol"}
-FORBIDDEN_IN_PURE = ("ucxx", "asyncio", "uvloop")
-
-
-def layer_of(module: str) -> tuple[int, str]:
-    """The layer of a module path relative to the package (``protocol.inbound`` ...)."""
-    top = module.split(".")[0]
-    if top.startswith("_cli"):
-        top = "cli"
-    if top not in LAYERS:
-        pytest.fail(f"ucxrpc.{module} is in no layer: add it to LAYERS")
-    return LAYERS[top]
 
 
 def modules() -> dict[str, Path]:
@@ -110,25 +62,6 @@ def internal(target: str, known: dict[str, Path]) -> str | None:
     while name and name not in known:
         name = name.rpartition(".")[0]
     return name or None
-
-
-def test_every_import_points_down_and_pure_layers_stay_pure() -> None:
-    known = modules()
-    problems = []
-    for module, path in sorted(known.items()):
-        if module == "":
-            continue
-        rank, layer = layer_of(module)
-        for target in imports(module, path):
-            if layer in PURE and target.split(".")[0] in FORBIDDEN_IN_PURE:
-                problems.append(f"{module} ({layer}) imports {target}")
-            dep = internal(target, known)
-            if dep is None or dep == module or dep.split(".")[0] == module.split(".")[0]:
-                continue
-            dep_rank, dep_layer = layer_of(dep)
-            if dep_rank > rank or (dep_rank == rank and dep_layer != layer):
-                problems.append(f"{module} ({layer}) imports {dep} ({dep_layer})")
-    assert not problems, "\n".join(sorted(set(problems)))
 
 
 def test_no_import_cycle() -> None:
