@@ -77,8 +77,8 @@ class Config(BaseSettings):
         4096,
         ge=256,
         le=8192,
-        description="size of the receive a caller posts for each reply; larger replies "
-        "travel as a frame plus data parts",
+        description="no longer used (replies are found by probe at their exact size); "
+        "accepted so existing settings keep working",
     )
     oob_threshold: int = Field(
         16 * 1024, ge=1024, description="bytes-like values this large travel out of band"
