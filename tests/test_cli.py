@@ -192,12 +192,19 @@ def test_list_shows_every_method(address: str) -> None:
     for text in ("add", "count", "stream of int", "a: int, b: int = 1", "data: bytes", "p: Point"):
         assert text in out.stdout, out.stdout
     assert "Add two integers." in out.stdout
+    assert "client_stream" in out.stdout and "numbers: stream of int" in out.stdout
     out = ucxrpc("list", address, "--schemas")
     assert '"required"' in out.stdout
     out = ucxrpc("list", address, "--json")
     description = json.loads(out.stdout)
     names = [m["name"] for m in description["methods"]]
     assert {"ping", "echo", "count", "ucxrpc.describe"} <= set(names)
+
+
+def test_call_of_a_client_streaming_method_says_why_it_cannot(address: str) -> None:
+    out = ucxrpc("call", address, "total", "1")
+    assert out.returncode == 1
+    assert "'total' takes a stream of items (client_stream)" in out.stderr, out.stderr
 
 
 def test_bench_writes_json_and_a_plot(address: str, tmp_path: Path) -> None:

@@ -141,6 +141,11 @@ async def call(
     md = parse_metadata(metadata)
     async with connect(address) as client:
         kind, names = await _kind(client, method, timeout)
+        if kind in ("client_stream", "bidi"):
+            raise CliError(
+                f"{method!r} takes a stream of items ({kind}): call it from Python "
+                "with an async iterable; `ucxrpc call` sends single values only"
+            )
         try:
             if kind == "stream":
                 stream = client.stream(
@@ -213,7 +218,8 @@ def _parameters(info: MethodInfo) -> str:
     required = set(info.params.get("required", []))
     out = []
     for name, schema in props.items():
-        text = f"{name}: {type_name(schema)}"
+        item = type_name(schema)
+        text = f"{name}: stream of {item}" if schema.get("x-stream") else f"{name}: {item}"
         if name not in required and "default" in schema:
             text += f" = {json.dumps(schema['default'])}"
         out.append(text)
@@ -248,7 +254,7 @@ def describe_table(description: ServerDescription) -> Table:
             "-" if m.timeout is None else f"{m.timeout:g} s",
             "yes" if m.idempotent else "no",
             _parameters(m),
-            f"stream of {result}" if m.kind == "stream" else result,
+            f"stream of {result}" if m.kind in ("stream", "bidi") else result,
             doc,
         )
         # Text, not str: type names like list[int] must not be read as rich markup.

@@ -58,6 +58,12 @@ async def count(n: int) -> AsyncIterator[int]:
 
 
 @server.rpc
+async def total(numbers: AsyncIterator[int]) -> int:
+    """Sum a stream of integers (client streaming)."""
+    return sum([n async for n in numbers])
+
+
+@server.rpc
 async def metadata_echo() -> dict[str, str]:
     """The request metadata the handler saw."""
     ctx = ucxrpc.current_call()
