@@ -411,3 +411,29 @@ async def test_shared_memory_is_an_explicit_opt_in_on_both_sides() -> None:
         assert caught.value.code == ucxrpc.StatusCode.FAILED_PRECONDITION
         await client.close()
         await server.stop()
+
+
+async def test_frames_for_unknown_connections_or_calls_are_dropped_and_counted(
+    manager: ucxrpc.Manager, victim: Any
+) -> None:
+    server, client = victim
+    raw = RawPeer()
+    await raw.connect(server.port)
+    try:
+        before = manager.dropped
+        # A CANCEL for a call the connection does not have, and a frame for a
+        # connection id nobody has.
+        await raw.send(77, codec.encode(Kind.CANCEL, 77))
+        stray = codec.encode(Kind.CANCEL, 5)
+        codec.stamp(stray.frame, 0, raw.server_secret)
+        await raw.send_tagged(codec.frame_tag(raw.server_cid ^ 0x7FFFFF, 5), stray.frame)
+        await until(lambda: manager.dropped >= before + 2)
+        with pytest.raises(TimeoutError):
+            await raw.next_frame(0.2)  # nothing was sent back
+        # A late reply (its call timed out) is dropped and counted on the client side.
+        with pytest.raises(ucxrpc.DeadlineExceeded):
+            await client.call("sleep", 0.2, timeout=0.05)
+        await until(lambda: manager.dropped >= before + 3)
+        assert await client.call("ping") == "PONG"
+    finally:
+        raw.close()

@@ -896,7 +896,9 @@ class Client:
         stream = self._streams.get(call_id)
         if stream is not None:
             stream.on_frame(header, payload, parts)
-        # else: the reply of a call abandoned (timed out or cancelled): dropped.
+        elif self.link is not None:
+            # The reply of a call abandoned (timed out or cancelled): dropped.
+            self.link.unmatched += 1
 
     def _on_credit(self, call_id: int, header: codec.Header, payload: memoryview) -> None:
         pump = self._pumps.get(call_id)

@@ -609,12 +609,16 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()
+            elif self.link is not None:
+                self.link.unmatched += 1  # a call that has ended (or never was)
         elif kind is Kind.CREDIT:
             self._on_credit(call_id, header, payload)
         elif kind is Kind.ITEM or kind is Kind.END:
             inp = self.inputs.get(call_id)
             if inp is None:
-                return  # the call has ended: items it did not take are dropped
+                if self.link is not None:
+                    self.link.unmatched += 1  # the call has ended: items it left are dropped
+                return
             try:
                 value = codec.decode_payload(header, payload, parts, array_hook=from_array)
             except ProtocolError as exc:

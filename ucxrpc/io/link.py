@@ -106,6 +106,8 @@ class Link:
         self.closed = False
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: Frames delivered for a call the owner does not have (counted by the owner).
+        self.unmatched = 0
         #: UCX sends handed over and not yet completed (a peer that does not receive
         #: what is sent makes this grow: the server counts it against max_inflight).
         self.pending_sends = 0

@@ -56,8 +56,7 @@ class Runtime:
         self._worker: Any = None
         self._engine: Engine | None = None
         self._conns: dict[int, Link] = {}
-        #: Frames dropped because no connection of this worker has their id.
-        self.dropped = 0
+        self._dropped = 0  # frames for no connection of this worker
         #: What to close at shutdown, by stage (clients 0, servers 1), in order added.
         self._owned: dict[object, tuple[int, Closer]] = {}
         self._executor: ThreadPoolExecutor | None = None
@@ -253,7 +252,7 @@ class Runtime:
         """Route a frame to its connection; drop (and count) it when there is none."""
         link = self._conns.get((tag >> 40) & codec.MAX_CONN_ID)
         if link is None:
-            self.dropped += 1
+            self._dropped += 1
         else:
             link.on_frame(tag, buf)
 
@@ -269,7 +268,7 @@ class Runtime:
         """A frame longer than any frame may be: its sender's connection is broken."""
         link = self._conns.get((tag >> 40) & codec.MAX_CONN_ID)
         if link is None:
-            self.dropped += 1
+            self._dropped += 1
         else:
             link.on_oversized(tag, length)
 
@@ -297,6 +296,15 @@ class Runtime:
     def posted_receives(self) -> int:
         """Receives posted on the worker and not yet completed or cancelled."""
         return 0 if self._engine is None else self._engine.posted_receives
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped unanswered: for no connection of this worker, carrying another
+        connection's secret, or for a call the connection does not have (late replies,
+        cancels of calls that ended)."""
+        return self._dropped + sum(
+            link.inbound.dropped + link.unmatched for link in self._conns.values()
+        )
 
     @property
     def awaited_parts(self) -> int:
