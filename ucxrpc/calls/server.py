@@ -138,7 +138,7 @@ class Server:
     ) -> Handler:
         """Register ``func``; the non-decorator form of :meth:`rpc`.
 
-        Options not given come from :func:`ucxrpc.calls` if it marked ``func``.
+        Options not given come from :func:`ucxrpc.rpc` if it marked ``func``.
         """
         marked = rpc_options(func) or rpc_options(hints_from)
         if marked is not None:
