@@ -89,9 +89,7 @@ async def test_frames_ahead_of_a_gap_are_bounded_by_the_byte_budget() -> None:
             return text
 
         await server.start(manager)
-        raw = RawPeer()
-        await raw.connect(server.port)
-        try:
+        async with RawPeer.connected(server.port) as raw:
             raw.out._seq = 1  # seq 0 never comes
             for call in range(1, 101):
                 enc = codec.encode(Kind.REQUEST, call, [["t" * 60_000], {}], method="echo")
@@ -106,8 +104,6 @@ async def test_frames_ahead_of_a_gap_are_bounded_by_the_byte_budget() -> None:
                 f"{held} bytes of frames held ahead of a gap, budget "
                 f"{manager.config.receive_budget}"
             )
-        finally:
-            raw.close()
         await server.stop()
 
 
@@ -126,9 +122,7 @@ async def test_a_gap_in_the_frame_sequence_does_not_pin_frames_for_good() -> Non
             return "PONG"
 
         await server.start(manager)
-        raw = RawPeer()
-        await raw.connect(server.port)
-        try:
+        async with RawPeer.connected(server.port) as raw:
             raw.out._seq = 1
             await raw.send(1, codec.encode(Kind.REQUEST, 1, [[], {}], method="ping"))
             (link,) = _server_links(server)
@@ -138,8 +132,6 @@ async def test_a_gap_in_the_frame_sequence_does_not_pin_frames_for_good() -> Non
             assert link.closed or link.inbound.waiting_frames == 0, (
                 "a frame ahead of a gap is still held after 10 part timeouts"
             )
-        finally:
-            raw.close()
         await server.stop()
 
 
@@ -162,9 +154,7 @@ async def test_replies_a_peer_never_receives_do_not_pile_up_on_the_server() -> N
             return data
 
         await server.start(manager)
-        raw = RawPeer()
-        await raw.connect(server.port)
-        try:
+        async with RawPeer.connected(server.port) as raw:
             for call in range(1, 301):
                 enc = codec.encode(Kind.REQUEST, call, [[b"r" * 20_000], {}], method="echo")
                 await raw.send(call, enc)
@@ -175,8 +165,6 @@ async def test_replies_a_peer_never_receives_do_not_pile_up_on_the_server() -> N
             assert manager.connections == 0 or manager.engine.in_flight <= 16, (
                 f"{manager.engine.in_flight} sends held for a peer that never receives"
             )
-        finally:
-            raw.close()
         await server.stop()
 
 
@@ -199,9 +187,7 @@ async def test_a_malformed_credit_on_a_bidi_call_leaks_no_input_stream(
             yield m
 
     await server.start(manager)
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         for call in range(1, 51):
             enc = codec.encode(
                 Kind.STREAM, call, [[None], {}], method="chat", flags=Flags.INPUT_STREAM
@@ -214,6 +200,4 @@ async def test_a_malformed_credit_on_a_bidi_call_leaks_no_input_stream(
         await until(lambda: server.inflight == 0)
         (conn,) = server._conns
         assert len(conn.inputs) == 0, f"{len(conn.inputs)} input streams left behind"
-    finally:
-        raw.close()
     await server.stop()

@@ -168,9 +168,7 @@ async def test_another_peer_cannot_cancel_feed_or_answer_a_victims_calls(
     manager: ucxrpc.Manager, victim: Any
 ) -> None:
     server, client = victim
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         # The attacker knows its own ids; it guesses the victim's by trying them all
         # near its own (connection ids are random, so this finds nothing).
         guesses = [raw.server_cid ^ d for d in range(1, 64)]
@@ -188,17 +186,13 @@ async def test_another_peer_cannot_cancel_feed_or_answer_a_victims_calls(
         assert manager.dropped > 0  # the strangers' frames were dropped, not answered
         with pytest.raises(TimeoutError):
             await raw.next_frame(0.3)  # and nothing was sent back to the attacker
-    finally:
-        raw.close()
 
 
 async def test_frames_with_another_connections_secret_are_dropped(
     manager: ucxrpc.Manager, victim: Any
 ) -> None:
     server, _ = victim
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         request = codec.encode(Kind.REQUEST, 3, [[], {}], method="ping")
         await raw.send_raw(3, raw.stamp_next(request.frame, secret=raw.server_secret ^ 1))
         with pytest.raises(TimeoutError):
@@ -207,8 +201,6 @@ async def test_frames_with_another_connections_secret_are_dropped(
         raw.out._seq -= 1
         await raw.send(4, codec.encode(Kind.REQUEST, 4, [[], {}], method="ping"))
         assert (await raw.expect_reply(4))[1] == "PONG"
-    finally:
-        raw.close()
 
 
 @pytest.mark.parametrize("delta", [-(1 << 20) + 1, -1, 1])
@@ -216,9 +208,7 @@ async def test_a_part_of_the_wrong_length_fails_that_call_only(
     manager: ucxrpc.Manager, victim: Any, delta: int
 ) -> None:
     server, client = victim
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         enc = codec.encode(Kind.REQUEST, 5, [[b"x" * (1 << 20)], {}], method="echo")
         (frame_tag, frame), (part_tag, part) = raw.out.send(5, enc)
         await raw.send_tagged(frame_tag, frame)
@@ -229,8 +219,6 @@ async def test_a_part_of_the_wrong_length_fails_that_call_only(
         await raw.send(6, codec.encode(Kind.REQUEST, 6, [[b"ok"], {}], method="echo"))
         assert (await raw.expect_reply(6))[1] == b"ok"
         assert await client.call("echo", b"z" * 300_000) == b"z" * 300_000
-    finally:
-        raw.close()
 
 
 async def test_parts_that_never_come_are_bounded_then_forgotten() -> None:
@@ -238,9 +226,7 @@ async def test_parts_that_never_come_are_bounded_then_forgotten() -> None:
         server = mixed_server()
         await server.start(manager)
         client = await manager.connect("127.0.0.1", server.port)
-        raw = RawPeer()
-        await raw.connect(server.port)
-        try:
+        async with RawPeer.connected(server.port) as raw:
             for call in range(1, 201):
                 # A frame announcing 255 parts of 255 KiB, none of which ever comes.
                 header = msgpack.packb(["echo", None, None, [255 * 1024] * 255, None])
@@ -264,8 +250,6 @@ async def test_parts_that_never_come_are_bounded_then_forgotten() -> None:
             assert codes == {ucxrpc.StatusCode.INTERNAL, ucxrpc.StatusCode.RESOURCE_EXHAUSTED}
             assert manager.announced_bytes == 0 and manager.awaited_parts == 0
             assert manager.engine.in_flight == 0
-        finally:
-            raw.close()
         await client.close()
         await server.stop()
 
@@ -347,9 +331,7 @@ async def test_a_cancel_while_the_request_waits_for_its_parts_is_honoured(
         return len(data)
 
     await server.start(manager)
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         enc = codec.encode(Kind.REQUEST, 9, [[b"d" * 100_000], {}], method="store")
         (frame_tag, frame), (part_tag, part) = raw.out.send(9, enc)
         await raw.send_tagged(frame_tag, frame)
@@ -361,8 +343,6 @@ async def test_a_cancel_while_the_request_waits_for_its_parts_is_honoured(
         with pytest.raises(TimeoutError):
             await raw.expect_reply(9, 0.2)
         await until(lambda: server.inflight == 0)
-    finally:
-        raw.close()
     await server.stop()
 
 
@@ -417,9 +397,7 @@ async def test_frames_for_unknown_connections_or_calls_are_dropped_and_counted(
     manager: ucxrpc.Manager, victim: Any
 ) -> None:
     server, client = victim
-    raw = RawPeer()
-    await raw.connect(server.port)
-    try:
+    async with RawPeer.connected(server.port) as raw:
         before = manager.dropped
         # A CANCEL for a call the connection does not have, and a frame for a
         # connection id nobody has.
@@ -435,5 +413,3 @@ async def test_frames_for_unknown_connections_or_calls_are_dropped_and_counted(
             await client.call("sleep", 0.2, timeout=0.05)
         await until(lambda: manager.dropped >= before + 3)
         assert await client.call("ping") == "PONG"
-    finally:
-        raw.close()

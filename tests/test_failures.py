@@ -114,9 +114,7 @@ async def test_garbage_frame_gets_a_protocol_error_and_others_are_served(
 
     await server.start(manager)
     other = await manager.connect("127.0.0.1", server.port)
-    raw = RawPeer()
-    try:
-        await raw.connect(server.port)
+    async with RawPeer.connected(server.port) as raw:
         # First a correct call from the raw peer, so we know the path works.
         await raw.send(1, codec.encode(codec.Kind.REQUEST, 1, [[], {}], method="ping"))
         header, value = await raw.expect_reply(1)
@@ -130,8 +128,6 @@ async def test_garbage_frame_gets_a_protocol_error_and_others_are_served(
         # The raw peer's connection survives a bad frame, too.
         await raw.send(8, codec.encode(codec.Kind.REQUEST, 8, [[], {}], method="ping"))
         assert (await raw.expect_reply(8))[1] == "PONG"
-    finally:
-        raw.close()
     await other.close()
     await server.stop()
 
@@ -145,9 +141,7 @@ async def test_oversized_request_is_refused_without_being_buffered() -> None:
             return "PONG"
 
         await server.start(manager)
-        raw = RawPeer()
-        try:
-            await raw.connect(server.port)
+        async with RawPeer.connected(server.port) as raw:
             big = codec.encode(codec.Kind.REQUEST, 3, [[b"x" * (2 << 20)], {}], method="ping")
             await raw.send(3, big, wait=False)  # the part is never taken: no completion
             _, value = await raw.expect_reply(3)
@@ -158,8 +152,6 @@ async def test_oversized_request_is_refused_without_being_buffered() -> None:
             # Nothing was received or allocated for the refused part: it is held as a
             # stranger's (bounded) until it times out.
             assert manager.posted_receives == 0 and manager.announced_bytes == 0
-        finally:
-            raw.close()
         await server.stop()
 
 

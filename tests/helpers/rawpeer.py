@@ -9,7 +9,9 @@ exact size, as the library does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ucxx._lib import libucxx as lib
@@ -127,3 +129,14 @@ class RawPeer:
 
     def close(self) -> None:
         self.writer.close()
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connected(cls, port: int, role: str | None = None) -> AsyncIterator[RawPeer]:
+        """A peer connected to the server on ``port``, closed when the block ends."""
+        raw = cls(role)
+        await raw.connect(port)
+        try:
+            yield raw
+        finally:
+            raw.close()

@@ -212,16 +212,21 @@ _WELCOME_REQUIRED: Final = ("v", "addr", "cid", "max", "key")
 _WELCOME_OPTIONAL: Final = ("proof",)
 
 
+def _check_common(message: dict[str, Any], what: str) -> None:
+    """The fields a hello and a welcome share: address, connection id, limit, key, proof."""
+    _address(message, what)
+    _int(message, "cid", 1, codec.MAX_CONN_ID, what)
+    _int(message, "max", 1, _MAX_LIMIT, what)
+    _bytes(message, "key", KEY_SIZE, what)
+    if "proof" in message:
+        _bytes(message, "proof", _PROOF_SIZE, what)
+
+
 def _check_hello(hello: dict[str, Any]) -> None:
     what = "malformed hello"
     _check_fields(hello, what, _HELLO_REQUIRED, _HELLO_OPTIONAL)
-    _address(hello, what)
-    _int(hello, "cid", 1, codec.MAX_CONN_ID, what)
-    _int(hello, "max", 1, _MAX_LIMIT, what)
+    _check_common(hello, what)
     _bytes(hello, "nonce", CHALLENGE_SIZE, what)
-    _bytes(hello, "key", KEY_SIZE, what)
-    if "proof" in hello:
-        _bytes(hello, "proof", _PROOF_SIZE, what)
     if "slot" in hello:
         _int(hello, "slot", codec.PREFIX_SIZE + 64, _MAX_SLOT, what)
     if "win" in hello:
@@ -235,12 +240,7 @@ def _check_hello(hello: dict[str, Any]) -> None:
 def _check_welcome(welcome: dict[str, Any]) -> None:
     what = "malformed welcome"
     _check_fields(welcome, what, _WELCOME_REQUIRED, _WELCOME_OPTIONAL)
-    _address(welcome, what)
-    _int(welcome, "cid", 1, codec.MAX_CONN_ID, what)
-    _int(welcome, "max", 1, _MAX_LIMIT, what)
-    _bytes(welcome, "key", KEY_SIZE, what)
-    if "proof" in welcome:
-        _bytes(welcome, "proof", _PROOF_SIZE, what)
+    _check_common(welcome, what)
 
 
 def _check_error(message: dict[str, Any]) -> None:
