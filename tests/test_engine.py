@@ -124,3 +124,30 @@ async def test_a_failing_router_does_not_stop_the_engine(pair: Any) -> None:
     await send(codec.DATA_BIT | 2, b"q" * 20_000)
     await until(lambda: recorder.parts == [(codec.DATA_BIT | 2, 20_000)])
     await until(lambda: engine.discarded == 1)  # the first one was consumed
+
+
+async def test_long_waiting_requests_cost_a_drive_a_bounded_slice(pair: Any) -> None:
+    """10,000 requests that never complete (receives nobody sends to, as a send to a peer
+    that never receives would be) must not be scanned by every drive."""
+    faulty, engine, recorder, send = pair
+    bufs = [bytearray(8) for _ in range(10_000)]
+    for i, buf in enumerate(bufs):
+        req = faulty.worker.tag_recv(Array(buf), lib.UCXXTag(codec.DATA_BIT | (1 << 39) | i))
+        engine.add(req, None)
+    assert engine.in_flight == 10_000
+    # Let them age (each reap after progress checks the young), then measure.
+    async def one_by_one(count: int) -> None:
+        for i in range(count):
+            await send(codec.frame_tag(1, i), b"x")
+            await until(lambda n=len(recorder.frames): len(recorder.frames) > n)
+
+    await one_by_one(64)
+    checked, drives = engine.checked, engine.drives
+    await one_by_one(200)
+    per_drive = (engine.checked - checked) / max(1, engine.drives - drives)
+    assert per_drive <= 200, per_drive  # a slice, not 10,000 per drive
+    assert engine.in_flight == 10_000  # nothing lost on the way
+    # One of the old ones completing is still noticed.
+    await send(codec.DATA_BIT | (1 << 39) | 5, b"12345678")
+    await until(lambda: engine.in_flight == 9_999)
+    assert bytes(bufs[5]) == b"12345678"

@@ -15,7 +15,10 @@ received at once into a buffer of exactly that length, unless longer than
 ``codec.MAX_FRAME``; data parts (bit 63 set) are handed to their connection's protocol
 machine, which checks the length against what the part's frame announced before a
 buffer is allocated (:meth:`receive` or :meth:`discard`). So no receive is ever posted
-in advance, and a drive costs what arrived and what completed, not what is in flight.
+in advance. Requests in flight are checked for completion on the drives after they are
+posted; one still waiting after a few drives (a send to a peer that does not receive)
+joins the old, which are swept a bounded slice per drive. So a drive costs what arrived,
+what was posted and a constant, not how much is in flight.
 
 A drive does a bounded amount of work (``max_probes`` arrivals), then yields to the
 loop, so timers, heartbeats and other tasks run while a peer floods. An exception in a
@@ -27,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -80,12 +84,20 @@ class Op:
     receive buffer (or read a send buffer) until then.
     """
 
-    __slots__ = ("buf", "cb", "req")
+    __slots__ = ("age", "buf", "cb", "req")
 
     def __init__(self, req: Any, cb: Callback | None, buf: Any) -> None:
         self.req = req
         self.cb = cb
         self.buf = buf
+        self.age = 0
+
+
+#: Reaps a request stays among the young (checked on every reap) before it is old.
+_YOUNG_REAPS = 4
+#: Old requests checked per reap, in turn: a request that waits long (a send to a peer
+#: that does not receive) costs a drive a bounded slice, not a scan of everything.
+_OLD_PER_REAP = 64
 
 
 class Engine:
@@ -122,6 +134,8 @@ class Engine:
         self._junk = bytearray(0)
         self._max_probes = max_probes
         self._ops: list[Op] = []
+        self._old: deque[Op] = deque()
+        self._sweep = 0
         self._scheduled = False
         self._closed = False
         self._last_event = 0.0
@@ -134,6 +148,8 @@ class Engine:
         self.drives = 0
         #: Messages consumed and thrown away (strangers' parts, refused parts).
         self.discarded = 0
+        #: Request completions checked (what reaping cost, summed over drives).
+        self.checked = 0
         loop.add_reader(self._fd, self.kick)
         self.kick()
 
@@ -172,14 +188,18 @@ class Engine:
         made = False
         while worker.progress_once():
             made = True
-        if made and self._ops:
+        if made:
+            # Anything in flight may have completed: check the young now and sweep
+            # the old over the next drives, a slice per drive.
+            self._sweep = len(self._old)
+        if (made and self._ops) or self._sweep:
             self._reap()
         budget = self._max_probes
         found = self._probe_frames(budget)
         if found < budget:
             found += self._probe_parts(budget - found)
-        # Work left over (the budget ran out) makes the drive count as active.
-        return made or found > 0
+        # Work left over (the budget ran out, a sweep unfinished) keeps the drive active.
+        return made or found > 0 or self._sweep > 0
 
     def _failed(self, where: str, exc: BaseException) -> None:
         kind = f"{where}:{type(exc).__name__}"
@@ -192,12 +212,25 @@ class Engine:
     # -- requests -------------------------------------------------------------------------
 
     def _reap(self) -> None:
+        # Young requests (posted in the last few reaps) are all checked; old ones a
+        # bounded slice at a time, so a drive's cost follows what was posted and what
+        # completed, not how much has been waiting.
+        young = self._ops
         keep: list[Op] = []
         finished: list[Op] = []
-        for op in self._ops:
-            (finished if op.req.completed else keep).append(op)
-        if not finished:
-            return
+        old = self._old
+        for op in young:
+            if op.req.completed:
+                finished.append(op)
+            else:
+                op.age += 1
+                (old.append if op.age >= _YOUNG_REAPS else keep.append)(op)
+        turn = min(len(old), self._sweep, _OLD_PER_REAP)
+        self._sweep -= turn
+        for _ in range(turn):
+            op = old.popleft()
+            (finished if op.req.completed else old).append(op)
+        self.checked += len(young) + turn
         self._ops = keep
         for op in finished:
             exc: BaseException | None = None
@@ -348,7 +381,10 @@ class Engine:
         (requests in flight with their buffers, messages left unreceived)."""
         self._closed = True
         self._loop.remove_reader(self._fd)
-        ops, self._ops = self._ops, []
+        ops = [*self._ops, *self._old]
+        self._ops = []
+        self._old.clear()
+        self._sweep = 0
         for op in ops:
             op.cb = None
         self.posted_receives = 0
@@ -356,14 +392,14 @@ class Engine:
 
     def progress(self) -> int:
         """Run one progress pass now; returns the number of completions and arrivals."""
-        before = len(self._ops)
+        before = self.in_flight
         active = self._step()
-        return max(0, before - len(self._ops)) + int(active)
+        return max(0, before - self.in_flight) + int(active)
 
     @property
     def in_flight(self) -> int:
         """UCX requests in flight (sends not yet left, receives not yet filled)."""
-        return len(self._ops)
+        return len(self._ops) + len(self._old)
 
     def add(self, req: Any, cb: Callback | None) -> None:
         """Track a request made elsewhere (an endpoint close) until it completes."""
