@@ -438,6 +438,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         rows[f"ucxrpc {mode}"] = run_pair("ucxrpc", mode, args)
     if not args.tls:
+        # Everything over UCX (what the default was before shared parts).
+        rows["ucxrpc blocking, shared parts off"] = run_pair(
+            "ucxrpc", "blocking", args, extra_env={"UCXRPC_SHARED_MEMORY": "false"}
+        )
         # The shared-memory opt-in (endpoints without peer error handling; see
         # docs/survival.md for its risk).
         rows["ucxrpc blocking, shared memory opt-in"] = run_pair(

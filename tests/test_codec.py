@@ -346,7 +346,7 @@ def test_malformed_batches_are_protocol_errors() -> None:
         pytest.param(frame(version=0), "unsupported protocol version 0", id="v0"),
         pytest.param(frame(version=3), "unsupported protocol version 3", id="v3"),
         pytest.param(frame(kind=0), "unknown frame kind 0", id="kind0"),
-        pytest.param(frame(kind=12), "unknown frame kind 12", id="kind12"),
+        pytest.param(frame(kind=13), "unknown frame kind 13", id="kind13"),
         pytest.param(frame(kind=99), "unknown frame kind 99", id="kind99"),
         pytest.param(frame(flags=0x80), "unknown frame flags 0x80", id="flags80"),
         pytest.param(

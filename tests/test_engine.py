@@ -135,11 +135,13 @@ async def test_long_waiting_requests_cost_a_drive_a_bounded_slice(pair: Any) -> 
         req = faulty.worker.tag_recv(Array(buf), lib.UCXXTag(codec.DATA_BIT | (1 << 39) | i))
         engine.add(req, None)
     assert engine.in_flight == 10_000
+
     # Let them age (each reap after progress checks the young), then measure.
     async def one_by_one(count: int) -> None:
         for i in range(count):
+            seen = len(recorder.frames)
             await send(codec.frame_tag(1, i), b"x")
-            await until(lambda n=len(recorder.frames): len(recorder.frames) > n)
+            await until(lambda seen=seen: len(recorder.frames) > seen)
 
     await one_by_one(64)
     checked, drives = engine.checked, engine.drives

@@ -22,6 +22,7 @@ from conftest import until
 import ucxrpc
 from ucxrpc.errors import ProtocolError, RpcError, Unauthenticated, Unavailable
 from ucxrpc.io import control as _control
+from ucxrpc.io import shared
 from ucxrpc.io.control import read_message, write_message
 from ucxrpc.wire import codec
 from ucxrpc.wire.ucxaddr import tl_name_checksum
@@ -202,11 +203,13 @@ async def test_handshake_exchanges_addresses_ids_limits_and_keys(token: str | No
     async with Answerer(config(token)) as srv:
         done = await connect(srv.port, config(token), rich=True)
         assert await srv.wait() is True
+    # Both sides run in this process, so each proved it can map the other's files.
     assert done == _control.Handshake(
-        SERVER_ADDR, SERVER_CID, config().max_message_size, SERVER_KEY, CLIENT_KEY
+        SERVER_ADDR, SERVER_CID, config().max_message_size, SERVER_KEY, CLIENT_KEY, os.getpid()
     )
     (hello,) = srv.opened
     assert hello["key"] == CLIENT_KEY  # unmasked for open_conn
+    assert hello["pid"] == os.getpid()
     assert (hello["addr"], hello["cid"], hello["slot"], hello["win"]) == (
         CLIENT_ADDR,
         CLIENT_CID,
@@ -481,6 +484,10 @@ BAD_HELLOS: dict[str, Callable[[Message], None]] = {
     "huge win": lambda h: h.update(win=1 << 20),
     "unknown role": lambda h: h.update(role="admin"),
     "short proof": lambda h: h.update(proof=b"p"),
+    "short shm": lambda h: h.update(shm=b"\0" * 7),
+    "long shm": lambda h: h.update(shm=b"\0" * 9),
+    "str shm": lambda h: h.update(shm="12345678"),
+    "int shm": lambda h: h.update(shm=12345678),
     "bool version": lambda h: h.update(v=True),
     "no version": lambda h: h.pop("v"),
 }
@@ -535,6 +542,8 @@ def _welcome(**changes: Any) -> Callable[[Message], Message]:
         {"key": None},
         {"key": b"k"},
         {"extra": 1},
+        {"shm": b"\0" * 7},
+        {"shm": 1},
     ],
     ids=repr,
 )
@@ -613,3 +622,41 @@ async def test_a_server_that_hangs_up_is_unavailable() -> None:
     async with Listener(rude) as server:
         with pytest.raises(Unavailable, match="closed the connection"):
             await connect(server.port, config())
+
+
+@pytest.mark.parametrize(("server_shares", "client_shares"), [(True, False), (False, True)])
+async def test_shared_parts_need_both_sides(server_shares: bool, client_shares: bool) -> None:
+    async with Answerer(ucxrpc.Config(shared_memory=server_shares)) as srv:
+        done = await connect(srv.port, ucxrpc.Config(shared_memory=client_shares), rich=True)
+        assert await srv.wait() is True
+    assert isinstance(done, _control.Handshake) and done.peer_pid is None
+    (hello,) = srv.opened
+    assert hello["pid"] is None
+    assert ("shm" in hello) is client_shares
+
+
+async def test_a_probe_naming_a_file_without_the_nonce_is_not_trusted() -> None:
+    # The hello's nonce is b"n" * 16; this file holds something else.
+    fd, field = shared.make_probe(b"not the nonce...")
+    try:
+        async with Answerer(config()) as srv:
+            reply = await _raw_hello(srv.port, lambda h: h.update(shm=field))
+            assert await srv.wait() is True
+        assert reply is not None and "shm" not in reply  # no probe offered back
+        (hello,) = srv.opened
+        assert hello["pid"] is None
+    finally:
+        os.close(fd)
+
+
+async def test_a_probe_holding_the_nonce_is_trusted() -> None:
+    fd, field = shared.make_probe(b"n" * 16)
+    try:
+        async with Answerer(config()) as srv:
+            reply = await _raw_hello(srv.port, lambda h: h.update(shm=field))
+            assert await srv.wait() is True
+        assert reply is not None and len(reply["shm"]) == 8
+        (hello,) = srv.opened
+        assert hello["pid"] == os.getpid()
+    finally:
+        os.close(fd)

@@ -26,6 +26,7 @@ from ucxrpc.protocol import (
     Violation,
 )
 from ucxrpc.wire import codec
+from ucxrpc.wire import shared as shared_wire
 
 # Sizes straddling UCX's rendezvous switch (8 KiB), the out-of-band threshold
 # (16 KiB), the largest inline frame (64 KiB) and 256 KiB.
@@ -90,15 +91,37 @@ class Pair(RuleBasedStateMachine):
         self.expired: set[int] = set()
         self.sent_at: dict[int, float] = {}
         self.call_ids = itertools.count(1)
+        # Shared parts in flight: (seq, part) -> the bytes the receiver will map.
+        self.files: dict[tuple[int, int], bytes] = {}
 
-    def _encode(self, sizes: list[int], seed: int) -> tuple[int, codec.Encoded, Any]:
+    def _encode(
+        self, sizes: list[int], seed: int, shared: bool = False
+    ) -> tuple[int, codec.Encoded, Any]:
         call_id = next(self.call_ids)
         value = [payload_of(n, seed + i) for i, n in enumerate(sizes)]
-        return call_id, codec.encode(Kind.REQUEST, call_id, [value, {}], method="m"), value
+        encoded = codec.encode(Kind.REQUEST, call_id, [value, {}], method="m")
+        if shared and encoded.parts:
+            # As the I/O layer does: parts of at least SHARED_MIN become descriptors
+            # (here the "file" is kept by the simulated transport).
+            seq = self.out.next_seq
+            codec.add_flags(encoded.frame, codec.Flags.SHARED_PARTS)
+            parts: list[Any] = []
+            for i, part in enumerate(encoded.parts, 1):
+                n = codec.nbytes(part)
+                if n >= codec.SHARED_MIN:
+                    self.files[(seq, i)] = bytes(part)
+                    part = shared_wire.descriptor(i, n)
+                parts.append(part)
+            encoded = codec.Encoded(encoded.frame, parts)
+        return call_id, encoded, value
 
-    @rule(sizes=st.lists(st.sampled_from(EDGE_SIZES), max_size=3), seed=st.integers(0, 255))
-    def send(self, sizes: list[int], seed: int) -> None:
-        call_id, encoded, value = self._encode(sizes, seed)
+    @rule(
+        sizes=st.lists(st.sampled_from(EDGE_SIZES), max_size=3),
+        seed=st.integers(0, 255),
+        shared=st.booleans(),
+    )
+    def send(self, sizes: list[int], seed: int, shared: bool) -> None:
+        call_id, encoded, value = self._encode(sizes, seed, shared)
         self.sent.append((call_id, value))
         self.sent_at[call_id] = self.now
         self.wire.put(self.out.send(call_id, encoded))
@@ -137,7 +160,27 @@ class Pair(RuleBasedStateMachine):
         action, data = self.wire.receives.pop(pick % len(self.wire.receives))
         action.buffer[:] = data
         self.wire.filled.add(id(action.buffer))
-        self.inb.on_part_done(action.token, True)
+        if action.shared is None:
+            self.inb.on_part_done(action.token, True)
+        else:
+            # The descriptor arrived: the I/O layer maps the file it names.
+            where = action.shared
+            mapped = memoryview(bytearray(self.files.pop((where.seq, where.part))))
+            self.wire.filled.add(id(mapped))
+            self.inb.on_part_done(action.token, True, mapped)
+        run_actions(self.inb, self.wire, self.results)
+
+    @precondition(lambda self: any(a.shared for a, _ in self.wire.receives))
+    @rule(pick=st.integers(0, 1 << 16), delta=st.sampled_from([-1, 1]))
+    def mapping_is_not_what_was_announced(self, pick: int, delta: int) -> None:
+        shared = [r for r in self.wire.receives if r[0].shared]
+        action, data = shared[pick % len(shared)]
+        self.wire.receives.remove((action, data))
+        where = action.shared
+        assert where is not None
+        length = len(self.files.pop((where.seq, where.part))) + delta
+        self.inb.on_part_done(action.token, True, memoryview(bytearray(length)))
+        self.lied.add(self.sent[where.seq][0])
         run_actions(self.inb, self.wire, self.results)
 
     @precondition(lambda self: self.wire.parts)

@@ -41,7 +41,11 @@ class RawPeer:
         self.inbox: list[tuple[int, bytearray]] = []
 
     async def connect(self, port: int, config: Config | None = None) -> None:
-        """Handshake with the server on ``port`` and make the UCX endpoint."""
+        """Handshake with the server on ``port`` and make the UCX endpoint.
+
+        By default the peer does not offer shared parts (so the server sends it
+        nothing unasked); pass a config with ``shared_memory=True`` to offer them.
+        """
         self.reader, self.writer = await asyncio.open_connection("127.0.0.1", port)
         extra: dict[str, Any] = {"slot": 4096, "win": 16}
         if self.role is not None:
@@ -49,7 +53,7 @@ class RawPeer:
         hs = await initiate_handshake(
             self.reader,
             self.writer,
-            config or Config(),
+            config or Config(shared_memory=False),
             bytes(self.worker.address.tobytes()),
             self.cid,
             extra,
@@ -132,10 +136,12 @@ class RawPeer:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connected(cls, port: int, role: str | None = None) -> AsyncIterator[RawPeer]:
+    async def connected(
+        cls, port: int, role: str | None = None, config: Config | None = None
+    ) -> AsyncIterator[RawPeer]:
         """A peer connected to the server on ``port``, closed when the block ends."""
         raw = cls(role)
-        await raw.connect(port)
+        await raw.connect(port, config)
         try:
             yield raw
         finally:

@@ -231,7 +231,7 @@ class Client:
         )
         ep = manager.endpoint_to(hs.peer_address)
         self._ep_open = True
-        link.connect(ep, hs.peer_conn_id, hs.peer_key, hs.peer_max)
+        link.connect(ep, hs.peer_conn_id, hs.peer_key, hs.peer_max, peer_pid=hs.peer_pid)
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
         # The control stream ends when the server's process dies or it closes us.
@@ -608,6 +608,8 @@ class Client:
             if deadline is not None:
                 call.timer = loop.call_at(deadline, self._expire, call, method)
             pump = None
+            engine = link.engine
+            engine.awaiting += 1
             try:
                 link.send(call_id, encoded)
                 if source is not None:
@@ -621,6 +623,7 @@ class Client:
                 self._abandon(call, cancel=False)
                 raise
             finally:
+                engine.awaiting -= 1
                 if pump is not None:
                     pump.stop()
                     self._pumps.pop(call_id, None)

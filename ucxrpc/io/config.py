@@ -40,6 +40,13 @@ class Config(BaseSettings):
         description="blocking mode: how long the engine keeps polling after the last "
         "event before it sleeps on the worker's fd (should outlast a round trip)",
     )
+    reply_spin_us: float = Field(
+        2000.0,
+        ge=0,
+        description="blocking mode: how long the engine keeps polling after the last "
+        "event while a call awaits its reply (a reply on its way is cheaper to catch "
+        "by polling than by waking from the fd)",
+    )
     ucx_options: dict[str, str] = Field(
         default_factory=dict,
         description="UCX settings without the UCX_ prefix, e.g. {'TLS': 'tcp'}",
@@ -52,6 +59,19 @@ class Config(BaseSettings):
         "memory (faster on one host) at a documented risk: with CMA a peer killed "
         "mid-transfer aborts the survivor; without CMA it can wedge shared-memory "
         "delivery for good",
+    )
+    shared_memory: bool = Field(
+        True,
+        description="between processes on one host, send large parts through sealed "
+        "memory files the receiver maps (no copy through TCP, and safe when either side "
+        "dies); used only when the handshake proves both sides can open each other's "
+        "files (Linux, one pid namespace, the same user)",
+    )
+    shared_min: int = Field(
+        256 * 1024,
+        ge=32 * 1024,
+        description="a frame with a part at least this large sends its parts shared "
+        "(shared_memory)",
     )
     max_message_size: int = Field(
         256 * 1024 * 1024, gt=0, description="largest message sent or accepted (bytes)"

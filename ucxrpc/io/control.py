@@ -10,8 +10,9 @@ The handshake, three messages (each a 4-byte length and a msgpack map, at most
 :data:`HELLO_LIMIT` bytes, each read under ``config.connect_timeout``)::
 
     server -> client   challenge  {v, challenge}
-    client -> server   hello      {v, addr, cid, max, nonce, key, [proof], slot?, win?, role?, eh?}
-    server -> client   welcome    {v, addr, cid, max, key, [proof]}   or {error, message}
+    client -> server   hello      {v, addr, cid, max, nonce, key, [proof], slot?, win?, role?,
+                                   eh?, shm?}
+    server -> client   welcome    {v, addr, cid, max, key, [proof], shm?}   or {error, message}
 
 * Every field is checked (type, range, length; the worker address by
   :func:`ucxrpc.wire.ucxaddr.validate_worker_address`) before anything reaches UCX, and a
@@ -26,6 +27,13 @@ The handshake, three messages (each a 4-byte length and a msgpack map, at most
   from the token and the transcript (a one-time pad: both sides' random values are in
   it), so a relay that only forwards learns nothing it could use on the data path.
   Without a token the keys travel in clear (anyone may connect anyway).
+* ``shm`` offers shared parts (:mod:`ucxrpc.io.shared`): it names a sealed memory file
+  of the sender (pid and fd) holding the hello's nonce (the client's) or the
+  challenge (the server's). A side that can open the peer's file and finds that
+  content there has proven both run on one host, in one pid namespace, with the
+  right to open each other's files; the server answers with its own file only then.
+  Each side that proved it can map the peer's files says so on the data path (an
+  empty RELEASE frame), and a side sends parts shared only after hearing that.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..errors import ProtocolError, Unauthenticated, Unavailable, error_from_status
 from ..wire import codec
 from ..wire.ucxaddr import validate_worker_address
+from . import shared
 
 if TYPE_CHECKING:
     from .config import Config
@@ -96,6 +105,7 @@ class Handshake:
         peer_max: The largest message the peer accepts.
         peer_key: The peer's key: the secret to put in every frame sent to it.
         local_key: Our key, as announced: the secret the peer puts in its frames.
+        peer_pid: The peer's pid when we proved we can map its shared parts.
     """
 
     peer_address: bytes
@@ -103,6 +113,7 @@ class Handshake:
     peer_max: int
     peer_key: bytes
     local_key: bytes
+    peer_pid: int | None = None
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -207,9 +218,10 @@ def _check_challenge(first: dict[str, Any]) -> bytes:
 
 
 _HELLO_REQUIRED: Final = ("v", "addr", "cid", "max", "nonce", "key")
-_HELLO_OPTIONAL: Final = ("proof", "slot", "win", "role", "eh")
+_HELLO_OPTIONAL: Final = ("proof", "slot", "win", "role", "eh", "shm")
 _WELCOME_REQUIRED: Final = ("v", "addr", "cid", "max", "key")
-_WELCOME_OPTIONAL: Final = ("proof",)
+_WELCOME_OPTIONAL: Final = ("proof", "shm")
+_PROBE_SIZE: Final = 8
 
 
 def _check_common(message: dict[str, Any], what: str) -> None:
@@ -220,6 +232,8 @@ def _check_common(message: dict[str, Any], what: str) -> None:
     _bytes(message, "key", KEY_SIZE, what)
     if "proof" in message:
         _bytes(message, "proof", _PROOF_SIZE, what)
+    if "shm" in message:
+        _bytes(message, "shm", _PROBE_SIZE, what)
 
 
 def _check_hello(hello: dict[str, Any]) -> None:
@@ -298,6 +312,22 @@ def _token(config: Config) -> bytes | None:
     return config.auth_token.get_secret_value().encode() if config.auth_token else None
 
 
+def _sharing(config: Config) -> bool:
+    return config.shared_memory and shared.available()
+
+
+def _close_later(fd: int, delay: float) -> None:
+    """Close a probe file once the peer had its time to read it."""
+
+    def close() -> None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    asyncio.get_running_loop().call_later(delay, close)
+
+
 def _verify(proof: Any, expected: bytes) -> bool:
     """Constant-time proof check (also when the proof is missing or mistyped)."""
     given = proof if type(proof) is bytes else b""
@@ -322,7 +352,8 @@ async def answer(
     :class:`~ucxrpc.RpcError`) and returns the connection id this side assigned. It
     is called only once the hello is fully validated (and authenticated, with a
     token), with the hello's fields; its ``"key"`` is the client's key, unmasked (the
-    secret to put in frames sent to the client).
+    secret to put in frames sent to the client), and its ``"pid"`` the client's pid
+    when this side proved it can map the client's shared parts (else None).
 
     Args:
         reader: The control stream.
@@ -362,7 +393,10 @@ async def answer(
         peer_key = _xor(hello["key"], _client_pad(token, challenge, hello["nonce"]))
     else:
         peer_key = hello["key"]
-    local_id = open_conn({**hello, "key": peer_key})
+    peer_pid = None
+    if "shm" in hello and _sharing(config):
+        peer_pid = shared.read_probe(hello["shm"], hello["nonce"])
+    local_id = open_conn({**hello, "key": peer_key, "pid": peer_pid})
     if type(local_id) is not int or not 0 < local_id <= codec.MAX_CONN_ID:
         raise ValueError(f"open_conn returned an invalid connection id {local_id!r}")
     welcome: dict[str, Any] = {
@@ -372,6 +406,13 @@ async def answer(
         "max": config.max_message_size,
         "key": local_key if token is None else _xor(local_key, _server_pad(token, transcript)),
     }
+    if peer_pid is not None:
+        try:
+            probe, welcome["shm"] = shared.make_probe(challenge)
+        except OSError:
+            pass
+        else:
+            _close_later(probe, config.connect_timeout)
     if token is not None:
         transcript += _encode(b"welcome", welcome)
         welcome["proof"] = _mac(token, _SERVER_PROOF, transcript)
@@ -458,6 +499,33 @@ async def initiate_handshake(
         "nonce": nonce,
         "key": wire_key,
     }
+    probe = None
+    if _sharing(config):
+        try:
+            probe, hello["shm"] = shared.make_probe(nonce)
+        except OSError:
+            probe = None
+    try:
+        return await _finish_handshake(
+            reader, writer, config, first, challenge, hello, token, local_key, peer
+        )
+    finally:
+        if probe is not None:
+            os.close(probe)
+
+
+async def _finish_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    config: Config,
+    first: dict[str, Any],
+    challenge: bytes,
+    hello: dict[str, Any],
+    token: bytes | None,
+    local_key: bytes,
+    peer: str,
+) -> Handshake:
+    timeout = config.connect_timeout
     _check_hello(hello)  # our own fields obey the rules we enforce on peers
     transcript = _DOMAIN + _encode(b"challenge", first) + _encode(b"hello", hello)
     if token is not None:
@@ -476,7 +544,10 @@ async def initiate_handshake(
         peer_key = _xor(welcome["key"], _server_pad(token, transcript))
     else:
         peer_key = welcome["key"]
-    return Handshake(welcome["addr"], welcome["cid"], welcome["max"], peer_key, local_key)
+    peer_pid = None
+    if "shm" in welcome and "shm" in hello:
+        peer_pid = shared.read_probe(welcome["shm"], challenge)
+    return Handshake(welcome["addr"], welcome["cid"], welcome["max"], peer_key, local_key, peer_pid)
 
 
 async def initiate(

@@ -108,6 +108,9 @@ class Engine:
         loop: The event loop that drives it.
         mode: ``"blocking"``, ``"polling"`` or ``"efficient"``.
         spin: Seconds of quiet before sleeping (blocking mode).
+        reply_spin: Seconds of quiet before sleeping while replies are awaited
+            (:attr:`awaiting`; blocking mode). Longer than ``spin``: a reply is known
+            to be on its way, and waking from the fd costs more than a round trip.
         router: Receives arrived frames and parts.
         junk_limit: The longest message :meth:`discard` consumes; a longer one is
             left unreceived (its sender is misbehaving and gets disconnected).
@@ -122,6 +125,7 @@ class Engine:
         mode: str,
         spin: float,
         router: Router,
+        reply_spin: float | None = None,
         junk_limit: int,
         max_probes: int = 256,
     ) -> None:
@@ -129,6 +133,10 @@ class Engine:
         self._loop = loop
         self._poll_forever = mode == "polling"
         self._spin = 0.0 if mode == "efficient" else spin
+        self._reply_spin = self._spin if reply_spin is None or mode == "efficient" else reply_spin
+        #: Replies awaited (calls sent and not answered): while there are any the engine
+        #: keeps polling for ``reply_spin`` after the last event instead of ``spin``.
+        self.awaiting = 0
         self._router = router
         self._junk_limit = junk_limit
         self._junk = bytearray(0)
@@ -148,6 +156,8 @@ class Engine:
         self.drives = 0
         #: Messages consumed and thrown away (strangers' parts, refused parts).
         self.discarded = 0
+        #: Times the engine went to sleep on the worker's fd.
+        self.sleeps = 0
         #: Request completions checked (what reaping cost, summed over drives).
         self.checked = 0
         loop.add_reader(self._fd, self.kick)
@@ -174,9 +184,12 @@ class Engine:
         now = time.perf_counter()
         if active:
             self._last_event = now
-        elif not self._poll_forever and now - self._last_event >= self._spin:
+        elif not self._poll_forever and now - self._last_event >= (
+            self._reply_spin if self.awaiting > 0 else self._spin
+        ):
             try:
                 if self._worker.arm():
+                    self.sleeps += 1
                     return  # asleep: the fd wakes us
             except Exception as exc:
                 self._failed("arm", exc)

@@ -16,12 +16,20 @@ engine's op holds it), so a caller may reuse a buffer it passed once the awaited
 or ``send_tag`` returned; a notification or a stream item may be reused once the next
 call on the connection has been made. A receive buffer is handed to the owner only
 after UCX completed the receive.
+
+Shared parts: when the handshake proved both peers can open each other's memory files
+(one host, see :mod:`ucxrpc.io.shared`), the parts of a frame with a part of at least
+``share_min`` bytes travel as sealed memory files: the sender writes each once, the
+receiver maps it (no copy) and answers with a RELEASE frame, and only a 16-byte
+descriptor crosses UCX. The part's bytes are copied once, at the send, so the caller
+may reuse its buffer as soon as ``send`` returns for those frames.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -30,7 +38,9 @@ import numpy as _np
 from ..errors import ConnectionLost, ProtocolError, RpcError
 from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
 from ..wire import codec
-from ..wire.codec import Header, Kind
+from ..wire import shared as wire_shared
+from ..wire.codec import Flags, Header, Kind
+from . import shared
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -59,6 +69,23 @@ class Owner(Protocol):
 def key_parts(key: bytes) -> tuple[int, int]:
     """A 16-byte connection key as ``(secret, data-tag key)``."""
     return int.from_bytes(key[:8], "big"), int.from_bytes(key[8:13], "big")
+
+
+def _joined(count: int, done: Done) -> Done:
+    """A callback that calls ``done`` once it was called ``count`` times (with the
+    first error reported, if any)."""
+    remaining = count
+    first: list[BaseException] = []
+
+    def one(exc: BaseException | None) -> None:
+        nonlocal remaining
+        if exc is not None and not first:
+            first.append(exc)
+        remaining -= 1
+        if remaining == 0:
+            done(first[0] if first else None)
+
+    return one
 
 
 def _alloc(size: int) -> Any:
@@ -113,14 +140,48 @@ class Link:
         self.pending_sends = 0
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
+        self.peer_key = b""
+        #: The peer's pid when parts may travel shared (proven in the handshake).
+        self.peer_pid: int | None = None
+        #: Frames with a part this large send their parts shared, once the peer said
+        #: it maps them (0: never share).
+        self.share_min = 0
+        self.exports: shared.Exports | None = None
+        self._releases: list[int] = []
+        self._export_timer: asyncio.TimerHandle | None = None
+        #: Parts sent shared and received shared.
+        self.shared_sent = 0
+        self.shared_received = 0
 
-    def connect(self, ep: Any, remote_id: int, peer_key: bytes, max_size: int) -> None:
-        """Join the link to the peer's endpoint once the handshake is done."""
+    def connect(
+        self,
+        ep: Any,
+        remote_id: int,
+        peer_key: bytes,
+        max_size: int,
+        *,
+        peer_pid: int | None = None,
+    ) -> None:
+        """Join the link to the peer's endpoint once the handshake is done.
+
+        Args:
+            ep: The UCX endpoint to the peer.
+            remote_id: The connection id the peer assigned.
+            peer_key: The peer's 16-byte key.
+            max_size: The largest message the peer accepts.
+            peer_pid: The peer's pid, when the handshake proved this side can map
+                the peer's shared parts: the link then tells the peer so (an empty
+                RELEASE), and accepts shared parts from that process only.
+        """
         secret, key = key_parts(peer_key)
         self.ep = ep
         self.remote_id = remote_id
+        self.peer_key = peer_key
         self.outbound = Outbound(remote_id, secret, key)
         self.max_size = min(self.max_size, max_size)
+        if peer_pid is not None and self.share_min:
+            self.peer_pid = peer_pid
+            self.send(0, codec.encode(Kind.RELEASE, 0, []))
 
     # -- arrivals (from the manager's router) ----------------------------------------------
 
@@ -144,8 +205,14 @@ class Link:
         owner = self.owner
         for action in inbound.take():
             if type(action) is Deliver:
-                owner.deliver(action.header, action.payload, action.parts)
+                if action.header.kind is Kind.RELEASE:
+                    self._on_release(action.header, action.payload)
+                else:
+                    owner.deliver(action.header, action.payload, action.parts)
             elif type(action) is Receive:
+                if action.shared is not None:
+                    self.engine.receive(action.handle, action.buffer, self._shared_done(action))
+                    continue
                 self.bytes_received += len(action.buffer)
                 self.engine.receive(action.handle, action.buffer, self._part_done(action.token))
             elif type(action) is Discard:
@@ -169,6 +236,126 @@ class Link:
             self._act()
 
         return done
+
+    def _shared_done(self, action: Receive) -> Done:
+        token, desc, where = action.token, action.buffer, action.shared
+        assert where is not None
+
+        def done(exc: BaseException | None) -> None:
+            if exc is not None:
+                if isinstance(exc, ConnectionLost):
+                    self._broken(exc)
+                self.inbound.on_part_done(token, False)
+                self._act()
+                return
+            try:
+                fd, length = wire_shared.parse_descriptor(desc)
+                self._queue_release((where.seq << 8) | where.part)
+                if self.peer_pid is None:
+                    raise ProtocolError("shared part from a peer that may not share")
+                if length != where.length:
+                    raise ProtocolError(
+                        f"shared part of {length} bytes where {where.length} were announced"
+                    )
+                key = self.key
+
+                def check(got: bytes) -> bool:
+                    return wire_shared.check_trailer(key, where.seq, where.part, length, got)
+
+                mapped = shared.open_part(self.peer_pid, fd, length, check)
+            except ProtocolError as err:
+                self.inbound.on_part_done(token, False, error=err)
+            else:
+                self.bytes_received += length
+                self.shared_received += 1
+                self.inbound.on_part_done(token, True, mapped)
+            self._act()
+
+        return done
+
+    def _queue_release(self, key: int) -> None:
+        if not self._releases:
+            self.loop.call_soon(self._send_releases)
+        self._releases.append(key)
+
+    def _send_releases(self) -> None:
+        keys, self._releases = self._releases, []
+        if keys and not self.closed and self.outbound is not None:
+            try:
+                self.send(0, codec.encode(Kind.RELEASE, 0, keys))
+            except RpcError:
+                pass  # the link is broken; the peer's files close with it
+
+    def _on_release(self, header: Header, payload: memoryview) -> None:
+        try:
+            keys = codec.decode_payload(header, payload)
+        except ProtocolError:
+            keys = None
+        if type(keys) is not list or not self.share_min:
+            self.unmatched += 1
+            return
+        exports = self.exports
+        if exports is None:
+            # The peer maps our files: from now on large parts go shared.
+            budget = self.inbound.budget
+            exports = self.exports = shared.Exports(
+                budget.max_bytes, budget.part_timeout, self.loop.time
+            )
+        for key in keys:
+            if type(key) is int:
+                exports.release(key)
+
+    def _expire_exports(self) -> None:
+        self._export_timer = None
+        exports = self.exports
+        if exports is not None and not self.closed:
+            exports.expire()
+            if len(exports):
+                self._export_timer = self.loop.call_later(exports.hold / 2, self._expire_exports)
+
+    def _share(
+        self, seq: int, encoded: codec.Encoded, done: Done | None
+    ) -> tuple[codec.Encoded, Done | None]:
+        """``encoded`` with its large parts moved into sealed memory files (or as it
+        is, if they do not fit what may be held or cannot be made).
+
+        With ``done``, returns the callback for the UCX sends: ``done`` itself runs
+        once they completed and the peer released every file (a send that waits for
+        its bytes to arrive, as one over UCX does).
+        """
+        exports = self.exports
+        assert exports is not None
+        sizes = [codec.nbytes(p) for p in encoded.parts]
+        if max(sizes) < self.share_min:
+            return encoded, done
+        total = sum(n for n in sizes if n >= codec.SHARED_MIN)
+        if not exports.room(total):
+            return encoded, done
+        parts: list[Any] = []
+        made: list[tuple[int, int, int]] = []
+        try:
+            for i, (part, n) in enumerate(zip(encoded.parts, sizes, strict=True), 1):
+                if n < codec.SHARED_MIN:
+                    parts.append(part)
+                    continue
+                mac = wire_shared.trailer(self.peer_key, seq, i, n)
+                fd = shared.export([codec.contiguous(part), mac])
+                made.append(((seq << 8) | i, fd, n))
+                parts.append(wire_shared.descriptor(fd, n))
+        except OSError as exc:
+            for _, fd, _ in made:
+                os.close(fd)
+            log.debug("ucxrpc: cannot share parts (%s); sending them over UCX", exc)
+            return encoded, done
+        if done is not None:
+            done = _joined(1 + len(made), done)
+        for key, fd, n in made:
+            exports.add(key, fd, n, done)
+        self.shared_sent += len(made)
+        if self._export_timer is None:
+            self._export_timer = self.loop.call_later(exports.hold / 2, self._expire_exports)
+        codec.add_flags(encoded.frame, Flags.SHARED_PARTS)
+        return codec.Encoded(encoded.frame, parts), done
 
     def _expire(self) -> None:
         self._timer = None
@@ -199,6 +386,10 @@ class Link:
         if self.closed or outbound is None:
             raise ConnectionLost("connection closed")
         self.bytes_sent += encoded.size
+        if self.exports is not None and encoded.parts:
+            # The seq this frame gets, whichever way it leaves (queued ones are
+            # numbered when queued).
+            encoded, done = self._share(outbound.next_seq, encoded, done)
         try:
             if done is not None:
                 if outbound.queued:
@@ -241,17 +432,11 @@ class Link:
             self._broken(exc if isinstance(exc, RpcError) else ConnectionLost(str(exc)))
 
     def _counting(self, pieces: int, done: Done) -> Done:
-        remaining = pieces
-        first: list[BaseException] = []
+        joined = _joined(pieces, done)
 
         def one(exc: BaseException | None) -> None:
-            nonlocal remaining
             self._sent(exc)  # counts the send as done
-            if exc is not None and not first:
-                first.append(exc)
-            remaining -= 1
-            if remaining == 0:
-                done(first[0] if first else None)
+            joined(exc)
 
         return one
 
@@ -265,6 +450,11 @@ class Link:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._export_timer is not None:
+            self._export_timer.cancel()
+            self._export_timer = None
+        if self.exports is not None:
+            self.exports.close()
         self.inbound.close()
         for action in self.inbound.take():
             if type(action) is Discard:

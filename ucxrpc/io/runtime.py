@@ -20,6 +20,7 @@ from ..errors import ResourceExhausted, RpcError, StatusCode, Unavailable
 from ..protocol import Budget, random_id
 from ..wire import codec
 from ..wire.ucxaddr import validate_worker_address
+from . import shared
 from .config import Config
 from .engine import Engine
 from .link import Link, Owner
@@ -94,6 +95,7 @@ class Runtime:
             loop,
             mode=cfg.progress_mode,
             spin=cfg.spin_us / 1e6,
+            reply_spin=max(cfg.spin_us, cfg.reply_spin_us) / 1e6,
             router=self,
             junk_limit=max(cfg.max_message_size, 256 << 20),
         )
@@ -237,6 +239,8 @@ class Runtime:
         )
         conn_id = random_id(codec.MAX_CONN_ID, self._conns)
         link = Link(self.engine, conn_id, key, owner, budget)
+        if cfg.shared_memory and shared.available():
+            link.share_min = max(cfg.shared_min, codec.SHARED_MIN)
         self._conns[conn_id] = link
         return link
 
@@ -320,6 +324,17 @@ class Runtime:
     def connections(self) -> int:
         """Live connections (client and server side) on this worker."""
         return len(self._conns)
+
+    @property
+    def shared_parts(self) -> tuple[int, int, int]:
+        """Shared parts over the live connections: ``(sent, received, held)``, where
+        ``held`` counts the memory files sent and not yet released by the peer."""
+        links = self._conns.values()
+        return (
+            sum(link.shared_sent for link in links),
+            sum(link.shared_received for link in links),
+            sum(len(link.exports) for link in links if link.exports is not None),
+        )
 
 
 def _ucx_options(cfg: Config) -> dict[str, str]:

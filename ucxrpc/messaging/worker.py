@@ -294,7 +294,9 @@ class Worker:
             manager.check_peer_mode(hello)
             link = manager.open_link(peer, key)
             peer.link = link
-            self._attach(peer, hello["addr"], hello["cid"], hello["key"], hello["max"])
+            self._attach(
+                peer, hello["addr"], hello["cid"], hello["key"], hello["max"], hello.get("pid")
+            )
             return link.local_id
 
         clean = False
@@ -335,7 +337,9 @@ class Worker:
                     peer.label,
                     key=link.key,
                 )
-                self._attach(peer, hs.peer_address, hs.peer_conn_id, hs.peer_key, hs.peer_max)
+                self._attach(
+                    peer, hs.peer_address, hs.peer_conn_id, hs.peer_key, hs.peer_max, hs.peer_pid
+                )
         except BaseException as exc:
             if peer is not None:
                 await self._detach(peer, lost=False)
@@ -352,11 +356,19 @@ class Worker:
         return peer.id
 
     def _attach(
-        self, peer: _Peer, addr: bytes, remote_id: int, peer_key: bytes, peer_max: int
+        self,
+        peer: _Peer,
+        addr: bytes,
+        remote_id: int,
+        peer_key: bytes,
+        peer_max: int,
+        peer_pid: int | None,
     ) -> None:
         link = peer.link
         assert link is not None
-        link.connect(self.manager.endpoint_to(addr), remote_id, peer_key, peer_max)
+        link.connect(
+            self.manager.endpoint_to(addr), remote_id, peer_key, peer_max, peer_pid=peer_pid
+        )
         peer.id = next(self._ids)
         self._peers[peer.id] = peer
 

@@ -9,7 +9,7 @@ bytes and completions between UCX and these machines.
 """
 
 from .ids import CallIds, random_id
-from .inbound import Action, Budget, Deliver, Discard, Fail, Inbound, Receive, Violation
+from .inbound import Action, Budget, Deliver, Discard, Fail, Inbound, Receive, Shared, Violation
 from .outbound import Message, Outbound
 from .priority import Priority
 
@@ -25,6 +25,7 @@ __all__ = [
     "Outbound",
     "Priority",
     "Receive",
+    "Shared",
     "Violation",
     "random_id",
 ]

@@ -11,12 +11,15 @@ Events::
 
     on_frame(tag, buf)              a frame arrived (all its bytes)
     on_part(tag, length, handle)    a data part is waiting in UCX (not yet received)
-    on_part_done(token, ok)         a part receive the machine asked for completed
+    on_part_done(token, ok, buf?)   a part receive the machine asked for completed
+                                    (for a shared part: with the mapped bytes)
     expire(now)                     time passed (frames waiting too long for parts)
 
 Actions (``take()``)::
 
-    Receive(handle, buffer, token)  receive the part into buffer; report on_part_done
+    Receive(handle, buffer, token,  receive the part into buffer; report on_part_done
+            shared)                 (``shared`` set: buffer gets a shared part's
+                                    descriptor; map the part, then report)
     Discard(handle, length)         consume the part and throw it away
     Deliver(header, payload, parts) the next frame, in order, with its parts
     Fail(call_id, kind, error)      the next frame was unusable: fail that call only
@@ -27,7 +30,8 @@ What holds by construction:
 * frames are delivered in seq order; a frame waits for every part it announced;
 * a part is bound to one frame and part index by its tag, and is received only after
   its length was checked against the announcement: a short or long part fails its
-  call and no buffer UCX did not fill is ever delivered;
+  call and no buffer UCX did not fill is ever delivered; a shared part's descriptor
+  must be exactly a descriptor, and the bytes mapped for it exactly as announced;
 * a frame whose secret is not this connection's is dropped and counted (no action,
   no receive, nothing sent back);
 * the bytes and parts a peer may have announced and not yet delivered are bounded
@@ -41,7 +45,8 @@ from typing import Any, Final, NamedTuple
 
 from ..errors import ProtocolError, ResourceExhausted, RpcError
 from ..wire import codec
-from ..wire.codec import Header, Kind
+from ..wire.codec import Flags, Header, Kind
+from ..wire.shared import DESCRIPTOR_SIZE
 
 __all__ = [
     "Action",
@@ -51,16 +56,30 @@ __all__ = [
     "Fail",
     "Inbound",
     "Receive",
+    "Shared",
     "Violation",
 ]
 
 
+class Shared(NamedTuple):
+    """Which shared part a :class:`Receive` brings the descriptor of."""
+
+    seq: int
+    part: int
+    length: int
+
+
 class Receive(NamedTuple):
-    """Receive the probed part ``handle`` into ``buffer``; report ``on_part_done(token)``."""
+    """Receive the probed part ``handle`` into ``buffer``; report ``on_part_done(token)``.
+
+    With ``shared`` set, ``buffer`` receives the descriptor of a shared part: the I/O
+    layer maps the part it names and reports ``on_part_done(token, ok, mapped)``.
+    """
 
     handle: Any
     buffer: Any
     token: Any
+    shared: Shared | None = None
 
 
 class Discard(NamedTuple):
@@ -157,13 +176,18 @@ class _Entry:
 class _Expected:
     """A part announced by a frame and not yet arrived."""
 
-    __slots__ = ("entry", "index", "since", "size")
+    __slots__ = ("entry", "index", "seq", "shared", "since", "size")
 
-    def __init__(self, entry: _Entry, index: int, size: int, since: float) -> None:
+    def __init__(
+        self, entry: _Entry, index: int, size: int, since: float, seq: int, shared: bool
+    ) -> None:
         self.entry = entry
         self.index = index
         self.size = size
         self.since = since
+        self.seq = seq
+        #: The part travels shared: its UCX message is a descriptor.
+        self.shared = shared
 
 
 _KINDS = {int(k): k for k in Kind}
@@ -308,12 +332,29 @@ class Inbound:
         self._arrived(expected, length, handle)
         self._flush()
 
-    def on_part_done(self, token: Any, ok: bool) -> None:
-        """A :class:`Receive` completed (``ok``) or failed."""
-        entry, index = token
+    def on_part_done(
+        self, token: Any, ok: bool, mapped: Any = None, error: RpcError | None = None
+    ) -> None:
+        """A :class:`Receive` completed (``ok``) or failed (with ``error``, if known).
+
+        For a shared part, ``mapped`` is the part's bytes as the I/O layer mapped them
+        from the descriptor; anything but exactly the announced length fails the call.
+        """
+        entry, index, size, shared = token
         entry.missing -= 1
+        if ok and shared:
+            if mapped is None or len(mapped) != size:
+                ok = False
+                error = ProtocolError(
+                    f"shared part {index + 1} of call {entry.call_id} is not the "
+                    f"{size} bytes its frame announced"
+                )
+            elif entry.error is None:
+                entry.parts[index] = mapped
         if not ok and entry.error is None:
-            entry.error = ProtocolError(f"data part {index + 1} of call {entry.call_id} failed")
+            entry.error = error or ProtocolError(
+                f"data part {index + 1} of call {entry.call_id} failed"
+            )
         self._flush()
 
     def expire(self, now: float) -> None:
@@ -414,9 +455,10 @@ class Inbound:
         entry.missing = len(sizes)
         now = self._clock()
         conn, key = self.conn_id, self.key
+        shared = bool(header.flags & Flags.SHARED_PARTS)
         for i, size in enumerate(sizes):
             tag = codec.data_tag(conn, key, seq, i + 1)
-            expected = _Expected(entry, i, size, now)
+            expected = _Expected(entry, i, size, now, seq, shared and size >= codec.SHARED_MIN)
             early = self._early.pop(tag, None)
             if early is None:
                 self._expected[tag] = expected
@@ -429,17 +471,26 @@ class Inbound:
             self._actions.append(Discard(handle, length))
             entry.missing -= 1
             return
-        if length != expected.size:
+        wire = DESCRIPTOR_SIZE if expected.shared else expected.size
+        if length != wire:
+            what = "the descriptor of shared part" if expected.shared else "data part"
             entry.error = ProtocolError(
-                f"data part {expected.index + 1} of call {entry.call_id} is {length} bytes; "
-                f"its frame announced {expected.size}"
+                f"{what} {expected.index + 1} of call {entry.call_id} is {length} bytes; "
+                f"{'a descriptor is' if expected.shared else 'its frame announced'} {wire}"
             )
             self._actions.append(Discard(handle, length))
             entry.missing -= 1
             return
+        index = expected.index
+        token = (entry, index, expected.size, expected.shared)
+        if expected.shared:
+            buf: Any = bytearray(DESCRIPTOR_SIZE)
+            shared = Shared(expected.seq, index + 1, expected.size)
+            self._actions.append(Receive(handle, buf, token, shared))
+            return
         buf = self._alloc(length)
-        entry.parts[expected.index] = buf
-        self._actions.append(Receive(handle, buf, (entry, expected.index)))
+        entry.parts[index] = buf
+        self._actions.append(Receive(handle, buf, token))
 
     def _flush(self) -> None:
         if self.broken is not None:

@@ -75,6 +75,7 @@ __all__ = [
     "PART_PROBE_TAG",
     "PREFIX_SIZE",
     "SEQ_MOD",
+    "SHARED_MIN",
     "VERSION",
     "ArrayData",
     "Encoded",
@@ -82,6 +83,7 @@ __all__ = [
     "Header",
     "Kind",
     "Prefix",
+    "add_flags",
     "contiguous",
     "control_length",
     "data_tag",
@@ -93,6 +95,7 @@ __all__ = [
     "encode_control",
     "check_metadata",
     "frame_tag",
+    "nbytes",
     "peek",
     "split_batch",
     "split_tag",
@@ -153,6 +156,9 @@ class Kind(enum.IntEnum):
     MESSAGE = 10
     #: Several complete frames in one UCX message (payload: the frames back to back).
     BATCH = 11
+    #: The receiver of shared parts has mapped them: the sender may let them go
+    #: (payload: a list of ``seq << 8 | part``).
+    RELEASE = 12
 
 
 class Flags(enum.IntFlag):
@@ -163,6 +169,10 @@ class Flags(enum.IntFlag):
     PAYLOAD_OOB = 1
     #: A REQUEST or STREAM whose caller streams items into it (ITEM frames, then END).
     INPUT_STREAM = 2
+    #: The frame's parts of at least :data:`SHARED_MIN` bytes travel through same-host
+    #: shared memory: each part's UCX message is a descriptor
+    #: (:mod:`ucxrpc.wire.shared`) in place of its bytes.
+    SHARED_PARTS = 4
 
 
 _KIND_BY_VALUE: Final = {int(k): k for k in Kind}
@@ -170,7 +180,19 @@ _packb = msgpack.packb
 _unpackb = msgpack.unpackb
 _pack_prefix = _PREFIX.pack
 _unpack_prefix = _PREFIX.unpack_from
-_KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB | Flags.INPUT_STREAM)
+_KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB | Flags.INPUT_STREAM | Flags.SHARED_PARTS)
+#: With ``Flags.SHARED_PARTS``, exactly the parts announced at least this large are
+#: shared (smaller ones travel as bytes, as always).
+SHARED_MIN: Final = 32 * 1024
+_FLAGS = struct.Struct("!H")
+
+
+def add_flags(frame: bytearray, flags: int) -> None:
+    """Set ``flags`` in an encoded frame's prefix (before it is sent)."""
+    (old,) = _FLAGS.unpack_from(frame, 2)
+    _FLAGS.pack_into(frame, 2, old | flags)
+
+
 _PAYLOAD_OOB: Final = int(Flags.PAYLOAD_OOB)
 _isfinite = math.isfinite
 
@@ -264,8 +286,12 @@ class Encoded(NamedTuple):
         return len(self.frame) + sum(_nbytes(p) for p in self.parts)
 
 
-def _nbytes(buf: Any) -> int:
+def nbytes(buf: Any) -> int:
+    """The length in bytes of a part (a memoryview's ``nbytes``, else ``len``)."""
     return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
+_nbytes = nbytes
 
 
 def contiguous(buf: Any) -> Any:

@@ -1,0 +1,372 @@
+"""Shared parts: large parts between processes on one host travel as sealed memory files.
+
+From the bytes up: the descriptor and trailer (wire), the protocol machine's checks
+(pure), the memory files themselves (this process), then real servers in their own
+processes over UCX, and hostile peers naming files they should not.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import until
+from helpers.rawpeer import RawPeer
+
+import ucxrpc
+from ucxrpc.errors import ProtocolError
+from ucxrpc.io import shared
+from ucxrpc.protocol import Deliver, Fail, Inbound, Outbound, Receive
+from ucxrpc.wire import codec
+from ucxrpc.wire import shared as wire
+from ucxrpc.wire.codec import Flags, Kind
+
+pytestmark = [
+    pytest.mark.timeout(120),
+    pytest.mark.skipif(not shared.available(), reason="no memfd on this system"),
+]
+
+MIB = 1 << 20
+KEY = bytes(range(16))
+SECRET, TAGKEY = 0x1122334455667788, 0xABCDE12345
+
+
+# -- wire ---------------------------------------------------------------------------------
+
+
+def test_a_descriptor_names_an_fd_and_a_length() -> None:
+    desc = wire.descriptor(17, 5 * MIB)
+    assert len(desc) == wire.DESCRIPTOR_SIZE
+    assert wire.parse_descriptor(desc) == (17, 5 * MIB)
+    for bad in (desc[:-1], desc + b"\0", desc[:12] + b"\0\0\0\1"):
+        with pytest.raises(ProtocolError):
+            wire.parse_descriptor(bad)
+
+
+def test_a_trailer_binds_key_frame_part_and_length() -> None:
+    mac = wire.trailer(KEY, 7, 1, 100)
+    assert len(mac) == wire.TRAILER_SIZE
+    assert wire.check_trailer(KEY, 7, 1, 100, mac)
+    other_key = bytes(16)
+    for args in ((other_key, 7, 1, 100), (KEY, 8, 1, 100), (KEY, 7, 2, 100), (KEY, 7, 1, 101)):
+        assert not wire.check_trailer(*args, mac)
+
+
+# -- the protocol machine --------------------------------------------------------------------
+
+
+def _flagged(sizes: list[int]) -> tuple[Inbound, list[tuple[int, Any]]]:
+    """A receiver, and the messages of a request whose parts of ``sizes`` are shared."""
+    enc = codec.encode(
+        Kind.REQUEST, 5, [[bytes(n) for n in sizes], {}], method="m", oob_threshold=1024
+    )
+    codec.add_flags(enc.frame, Flags.SHARED_PARTS)
+    inbound = Inbound(9, SECRET, TAGKEY)
+    return inbound, Outbound(9, SECRET, TAGKEY).send(5, enc)
+
+
+def test_a_shared_part_is_received_as_a_descriptor_then_mapped() -> None:
+    inbound, [(ftag, frame), (ptag, _)] = _flagged([codec.SHARED_MIN])
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(ptag, wire.DESCRIPTOR_SIZE, "handle")
+    [receive] = inbound.take()
+    assert type(receive) is Receive and receive.shared is not None
+    assert len(receive.buffer) == wire.DESCRIPTOR_SIZE
+    assert receive.shared == (0, 1, codec.SHARED_MIN)
+    mapped = memoryview(bytearray(codec.SHARED_MIN))
+    inbound.on_part_done(receive.token, True, mapped)
+    [deliver] = inbound.take()
+    assert type(deliver) is Deliver and deliver.parts == [mapped]
+
+
+def test_a_small_part_of_a_flagged_frame_travels_as_bytes() -> None:
+    inbound, [(ftag, frame), (small, _), (big, _)] = _flagged(
+        [codec.SHARED_MIN - 1, codec.SHARED_MIN]
+    )
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(small, codec.SHARED_MIN - 1, "h1")
+    inbound.on_part(big, wire.DESCRIPTOR_SIZE, "h2")
+    first, second = inbound.take()
+    assert type(first) is Receive and first.shared is None
+    assert len(first.buffer) == codec.SHARED_MIN - 1
+    assert type(second) is Receive and second.shared is not None
+
+
+@pytest.mark.parametrize("length", [0, wire.DESCRIPTOR_SIZE - 1, codec.SHARED_MIN])
+def test_anything_but_a_descriptor_fails_the_call(length: int) -> None:
+    inbound, [(ftag, frame), (ptag, _)] = _flagged([codec.SHARED_MIN])
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(ptag, length, "handle")
+    actions = inbound.take()
+    assert [type(a).__name__ for a in actions] == ["Discard", "Fail"]
+    assert "descriptor" in actions[1].error.message
+
+
+@pytest.mark.parametrize("mapped", [None, b"", b"x" * (codec.SHARED_MIN - 1)])
+def test_mapped_bytes_of_another_length_fail_the_call(mapped: Any) -> None:
+    inbound, [(ftag, frame), (ptag, _)] = _flagged([codec.SHARED_MIN])
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(ptag, wire.DESCRIPTOR_SIZE, "handle")
+    [receive] = inbound.take()
+    inbound.on_part_done(receive.token, True, mapped)
+    [fail] = inbound.take()
+    assert type(fail) is Fail and isinstance(fail.error, ProtocolError)
+    assert inbound.announced_bytes == 0
+
+
+def test_a_mapping_failure_fails_that_call_with_its_reason() -> None:
+    inbound, [(ftag, frame), (ptag, _)] = _flagged([codec.SHARED_MIN])
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(ptag, wire.DESCRIPTOR_SIZE, "handle")
+    [receive] = inbound.take()
+    inbound.on_part_done(receive.token, False, error=ProtocolError("shared part refused: x"))
+    [fail] = inbound.take()
+    assert type(fail) is Fail and fail.error.message == "shared part refused: x"
+
+
+# -- memory files (this process) ---------------------------------------------------------------
+
+
+def _check(seq: int, part: int, length: int) -> Any:
+    return lambda got: wire.check_trailer(KEY, seq, part, length, got)
+
+
+@pytest.fixture
+def fds() -> Iterator[list[int]]:
+    opened: list[int] = []
+    yield opened
+    for fd in opened:
+        os.close(fd)
+
+
+def test_a_part_is_written_once_and_mapped_writable_copy_on_write(fds: list[int]) -> None:
+    data = os.urandom(MIB + 1)
+    fd = shared.export([data, wire.trailer(KEY, 3, 1, len(data))])
+    fds.append(fd)
+    view = shared.open_part(os.getpid(), fd, len(data), _check(3, 1, len(data)))
+    assert view == data and not view.readonly
+    view[0] ^= 0xFF  # the receiver's copy changes, the file does not
+    again = shared.open_part(os.getpid(), fd, len(data), _check(3, 1, len(data)))
+    assert again == data
+    with pytest.raises(OSError):
+        os.write(fd, b"more")  # sealed
+
+
+def test_files_that_are_not_sealed_ucxrpc_memory_files_are_refused(fds: list[int]) -> None:
+    n = codec.SHARED_MIN
+    good = wire.trailer(KEY, 1, 1, n)
+    unsealed = os.memfd_create("ucxrpc", os.MFD_ALLOW_SEALING)
+    os.write(unsealed, bytes(n) + good)
+    stranger = os.memfd_create("other", os.MFD_ALLOW_SEALING)
+    os.write(stranger, bytes(n) + good)
+    fcntl.fcntl(stranger, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK)
+    read_end, write_end = os.pipe()
+    short = shared.export([bytes(n - 1), good])
+    wrong_mac = shared.export([bytes(n), wire.trailer(bytes(16), 1, 1, n)])
+    fds.extend([unsealed, stranger, read_end, write_end, short, wrong_mac])
+    cases = {
+        unsealed: "not sealed",
+        stranger: "not a ucxrpc memory file",
+        read_end: "not a ucxrpc memory file",
+        short: "announced",
+        wrong_mac: "trailer",
+        10_000: "unavailable",
+    }
+    for fd, reason in cases.items():
+        with pytest.raises(ProtocolError, match=reason):
+            shared.open_part(os.getpid(), fd, n, _check(1, 1, n))
+
+
+def test_a_probe_proves_the_peer_can_be_read(fds: list[int]) -> None:
+    fd, field = shared.make_probe(b"nonce-0123456789")
+    fds.append(fd)
+    assert shared.read_probe(field, b"nonce-0123456789") == os.getpid()
+    assert shared.read_probe(field, b"nonce-9876543210") is None
+    assert shared.read_probe(field[:-1], b"nonce-0123456789") is None
+    assert shared.read_probe(bytes(8), b"nonce-0123456789") is None
+
+
+def test_exports_are_bounded_released_and_expire() -> None:
+    now = [0.0]
+    exports = shared.Exports(limit=3 * MIB, hold=10.0, clock=lambda: now[0])
+    made = [shared.export([bytes(MIB)]) for _ in range(3)]
+    for key, fd in enumerate(made):
+        assert exports.room(MIB)
+        exports.add(key, fd, MIB, None)
+    assert not exports.room(1) and exports.bytes == 3 * MIB
+    assert exports.release(0) and not exports.release(0)
+    with pytest.raises(OSError):
+        os.fstat(made[0])  # closed
+    now[0] = 11.0
+    exports.expire()
+    assert len(exports) == 0 and exports.bytes == 0
+    for fd in made[1:]:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+# -- two processes over UCX ---------------------------------------------------------------------
+
+SIZES = [
+    codec.SHARED_MIN - 1,
+    256 * 1024 - 1,
+    256 * 1024,
+    256 * 1024 + 1,
+    MIB,
+    16 * MIB + 3,
+]
+
+
+@pytest.fixture
+async def remote(spawn: Any) -> AsyncIterator[tuple[ucxrpc.Manager, ucxrpc.Client]]:
+    port = int(spawn("serve.py").read_ready()[0])
+    async with ucxrpc.Manager() as manager:
+        client = await manager.connect("127.0.0.1", port)
+        yield manager, client
+        await client.close()
+
+
+@pytest.mark.parametrize("size", SIZES)
+async def test_large_values_cross_processes_intact(remote: Any, size: int) -> None:
+    manager, client = remote
+    data = os.urandom(size)
+    assert await client.call("reverse", data) == data[::-1]
+    assert await client.call("echo_view", memoryview(data)) == data
+    sent, received, _ = manager.shared_parts
+    stats = await client.call("stats")
+    if size >= manager.config.shared_min:
+        assert sent == 2 and received == 2, manager.shared_parts
+        assert stats["received"] == 2 and stats["sent"] == 2
+    else:
+        assert sent == received == 0 and stats["received"] == 0
+
+
+async def test_arrays_keep_dtype_and_shape_and_are_writable(remote: Any) -> None:
+    manager, client = remote
+    values = np.arange(300_000, dtype=np.float64).reshape(600, 500)
+    got = await client.call("doubled", values)
+    assert got.dtype == values.dtype and got.shape == values.shape
+    assert np.array_equal(got, values * 2)
+    got[0, 0] = -1.0  # writable on this side too
+    assert manager.shared_parts[1] == 1
+
+
+async def test_a_stream_of_mixed_sizes_arrives_in_order(remote: Any) -> None:
+    _, client = remote
+    sizes = [12_000, 300_000, 20, 2 * MIB, 40_000, 256 * 1024, 5, 9 * MIB]
+    items = [item async for item in client.stream("blobs", sizes)]
+    assert [len(i) for i in items] == sizes
+    assert all(item == bytes([i % 251]) * len(item) for i, item in enumerate(items))
+
+
+async def test_every_file_is_released_and_no_fd_is_left(remote: Any) -> None:
+    manager, client = remote
+    before = (await client.call("stats"))["fds"]
+    mine = len(os.listdir("/proc/self/fd"))
+    data = os.urandom(MIB)
+    for _ in range(50):
+        assert await client.call("echo_view", data) == data
+    # The peer's RELEASE frames follow the replies: wait for the last ones.
+    await until(lambda: manager.shared_parts[2] == 0)
+    stats = await client.call("stats")
+    assert stats["held"] == 0 and stats["sent"] == 50
+    assert stats["fds"] == before
+    assert len(os.listdir("/proc/self/fd")) == mine
+
+
+async def test_shared_memory_off_sends_everything_over_ucx(spawn: Any) -> None:
+    port = int(spawn("serve.py").read_ready()[0])
+    async with ucxrpc.Manager(shared_memory=False) as manager:
+        client = await manager.connect("127.0.0.1", port)
+        data = os.urandom(2 * MIB)
+        assert await client.call("reverse", data) == data[::-1]
+        assert manager.shared_parts == (0, 0, 0)
+        assert (await client.call("stats"))["received"] == 0
+        await client.close()
+
+
+# -- hostile peers ------------------------------------------------------------------------------
+
+
+def echo_server() -> ucxrpc.Server:
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def echo(data: bytes) -> bytes:
+        return data
+
+    return server
+
+
+@pytest.fixture
+async def victim(manager: ucxrpc.Manager) -> AsyncIterator[tuple[ucxrpc.Server, ucxrpc.Client]]:
+    server = echo_server()
+    await server.start(manager)
+    client = await manager.connect("127.0.0.1", server.port)
+    yield server, client
+    await client.close()
+    await server.stop(1.0)
+
+
+async def _send_shared(raw: RawPeer, call_id: int, desc: bytes, size: int) -> Any:
+    enc = codec.encode(Kind.REQUEST, call_id, [[bytes(size)], {}], method="echo")
+    codec.add_flags(enc.frame, Flags.SHARED_PARTS)
+    (ftag, frame), (ptag, _) = raw.out.send(call_id, enc)
+    await raw.send_tagged(ftag, frame)
+    await raw.send_tagged(ptag, desc)
+    return await raw.expect_reply(call_id)
+
+
+async def test_a_peer_naming_files_it_should_not_gets_errors_and_nothing_else(
+    victim: Any, fds: list[int]
+) -> None:
+    server, client = victim
+    n = MIB
+    async with RawPeer.connected(server.port, config=ucxrpc.Config()) as raw:
+        # The victim's key: a file made for the victim's connection, named by the
+        # attacker on its own, is refused for its trailer.
+        victim_key = os.urandom(16)
+        seq = raw.out.next_seq
+        theirs = shared.export([os.urandom(n), wire.trailer(victim_key, seq, 1, n)])
+        unsealed = os.memfd_create("ucxrpc", os.MFD_ALLOW_SEALING)
+        os.write(unsealed, bytes(n + wire.TRAILER_SIZE))
+        read_end, write_end = os.pipe()
+        fds.extend([theirs, unsealed, read_end, write_end])
+        cases = [
+            (wire.descriptor(theirs, n), "trailer"),
+            (wire.descriptor(unsealed, n), "not sealed"),
+            (wire.descriptor(read_end, n), "not a ucxrpc memory file"),
+            (wire.descriptor(9_999, n), "unavailable"),
+            (wire.descriptor(theirs, n - 1), "announced"),
+            (wire.descriptor(theirs, n)[:-1], "descriptor"),
+        ]
+        for call_id, (desc, reason) in enumerate(cases, 1):
+            header, value = await _send_shared(raw, call_id, desc, n)
+            assert header.kind is Kind.ERROR, value
+            assert value[0] == ucxrpc.StatusCode.INTERNAL and reason in value[1], value
+        # The connection goes on, and so does everyone else's.
+        await raw.send(99, codec.encode(Kind.REQUEST, 99, [[b"ok"], {}], method="echo"))
+        assert (await raw.expect_reply(99))[1] == b"ok"
+    data = os.urandom(n)
+    assert await client.call("echo", data) == data
+
+
+async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(victim: Any) -> None:
+    server, _ = victim
+    raw = RawPeer()
+    await raw.connect(server.port)  # offers no shared parts
+    try:
+        n = MIB
+        seq = raw.out.next_seq
+        fd = shared.export([bytes(n), wire.trailer(raw.key, seq, 1, n)])
+        try:
+            header, value = await _send_shared(raw, 1, wire.descriptor(fd, n), n)
+        finally:
+            os.close(fd)
+        assert header.kind is Kind.ERROR and "may not share" in value[1], value
+    finally:
+        raw.close()

@@ -1,0 +1,241 @@
+"""Shared parts on one host: sealed memory files written once, mapped by the receiver.
+
+UCX 1.21 cannot combine shared memory with peer error handling, so the safe default
+(error handling on) sends large messages over TCP even between processes on one host.
+This module gives those transfers a same-host path that a dying peer cannot break:
+
+* the sender writes a part into a Linux memory file (``memfd_create``), appends the
+  trailer that binds it to the connection (:mod:`ucxrpc.wire.shared`), **seals** it
+  against any further write, shrink or growth, and sends a descriptor naming its fd;
+* the receiver opens the file through ``/proc/<peer pid>/fd/<fd>`` (the pid proven in
+  the handshake), checks its name, size, seals and trailer, and maps it privately:
+  the part is handed out with no copy, writable (copy on write).
+
+Nothing can abort either process. The kernel keeps a file alive while anyone maps it,
+so a sender that dies after the receiver opened it takes nothing away; a sender that
+dies before just makes the open fail (that call fails, and the connection is lost
+anyway); sealed files cannot shrink under a mapping (no SIGBUS). The sender keeps its
+fd until the receiver says it has mapped the part (a ``RELEASE`` frame), the
+connection closes, or ``hold`` seconds pass, whichever comes first.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Final, NamedTuple
+
+from ..errors import ConnectionLost, ProtocolError
+from ..wire.shared import TRAILER_SIZE
+
+__all__ = ["Exports", "available", "export", "make_probe", "open_part", "read_probe"]
+
+_NAME: Final = "ucxrpc"
+_LINK_PREFIX: Final = f"/memfd:{_NAME}"
+_NEEDED: Final = (
+    getattr(fcntl, "F_SEAL_WRITE", 0)
+    | getattr(fcntl, "F_SEAL_SHRINK", 0)
+    | getattr(fcntl, "F_SEAL_GROW", 0)
+)
+_SEALS: Final = _NEEDED | getattr(fcntl, "F_SEAL_SEAL", 0)
+_PROBE: Final = struct.Struct("!II")
+_CHUNK: Final = 1 << 30
+
+
+def available() -> bool:
+    """Whether this system can make and open sealed memory files."""
+    return (
+        sys.platform.startswith("linux")
+        and hasattr(os, "memfd_create")
+        and hasattr(fcntl, "F_ADD_SEALS")
+        and os.path.isdir(f"/proc/{os.getpid()}/fd")
+    )
+
+
+def export(pieces: Sequence[Any]) -> int:
+    """A sealed memory file holding ``pieces`` back to back; returns its fd.
+
+    The caller owns the fd (and closes it once the receiver has mapped the file).
+
+    Raises:
+        OSError: The file could not be made (out of memory, no memfd support).
+    """
+    fd = os.memfd_create(_NAME, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        for piece in pieces:
+            view = memoryview(piece).cast("B")
+            while view.nbytes:
+                written = os.write(fd, view[:_CHUNK])
+                view = view[written:]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open(pid: int, fd: int, size: int) -> int:
+    """Open another process's sealed memory file of exactly ``size`` bytes."""
+    path = f"/proc/{pid}/fd/{fd}"
+    try:
+        target = os.readlink(path)
+    except OSError as exc:
+        raise ProtocolError(f"shared part unavailable: {exc.strerror}") from None
+    if not target.startswith(_LINK_PREFIX):
+        raise ProtocolError("shared part refused: not a ucxrpc memory file")
+    try:
+        # Non-blocking and no controlling tty: the name was checked, but a peer could
+        # swap its fd between the check and the open.
+        own = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise ProtocolError(f"shared part unavailable: {exc.strerror}") from None
+    try:
+        info = os.fstat(own)
+        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+            raise ProtocolError(
+                f"shared part refused: {info.st_size} bytes where {size} were announced"
+            )
+        if fcntl.fcntl(own, fcntl.F_GET_SEALS) & _NEEDED != _NEEDED:
+            raise ProtocolError("shared part refused: the file is not sealed")
+    except OSError as exc:
+        os.close(own)
+        raise ProtocolError(f"shared part refused: {exc.strerror}") from None
+    except BaseException:
+        os.close(own)
+        raise
+    return own
+
+
+def open_part(pid: int, fd: int, length: int, check: Callable[[bytes], bool]) -> memoryview:
+    """Map a shared part: ``length`` bytes followed by a trailer that ``check`` accepts.
+
+    Returns:
+        A writable (copy-on-write), zero-copy view of the part's bytes.
+
+    Raises:
+        ProtocolError: The file is gone, is not a sealed ucxrpc memory file of the
+            announced size, or its trailer does not bind it to this connection.
+    """
+    own = _open(pid, fd, length + TRAILER_SIZE)
+    try:
+        if not check(os.pread(own, TRAILER_SIZE, length)):
+            raise ProtocolError("shared part refused: its trailer does not match")
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        mapped = mmap.mmap(own, length + TRAILER_SIZE, flags=mmap.MAP_PRIVATE, prot=prot)
+    except OSError as exc:
+        raise ProtocolError(f"shared part refused: {exc.strerror}") from None
+    finally:
+        os.close(own)
+    return memoryview(mapped)[:length]
+
+
+def make_probe(content: bytes) -> tuple[int, bytes]:
+    """A sealed file holding ``content`` for the peer to read in the handshake.
+
+    Returns:
+        Its fd and the handshake field naming it (this pid and the fd).
+    """
+    fd = export([content])
+    return fd, _PROBE.pack(os.getpid(), fd)
+
+
+def read_probe(field: bytes, content: bytes) -> int | None:
+    """The peer's pid if the probe ``field`` names a sealed file holding ``content``
+    that this process can open (the two share a host, a pid namespace and the
+    permission to open each other's files), else None."""
+    if len(field) != _PROBE.size:
+        return None
+    pid, fd = _PROBE.unpack(field)
+    if pid <= 0:
+        return None
+    try:
+        own = _open(pid, fd, len(content))
+    except ProtocolError:
+        return None
+    try:
+        return pid if os.pread(own, len(content), 0) == content else None
+    except OSError:
+        return None
+    finally:
+        os.close(own)
+
+
+class Exports:
+    """The memory files one connection has sent and the peer may not have mapped yet.
+
+    Args:
+        limit: Bytes held at most; a part that does not fit travels over UCX.
+        hold: Seconds a file is kept for a peer that never says it mapped it.
+        clock: The current time in seconds.
+    """
+
+    def __init__(self, limit: int, hold: float, clock: Callable[[], float]) -> None:
+        self.limit = limit
+        self.hold = hold
+        self._clock = clock
+        self._files: dict[int, _Held] = {}
+        #: Bytes held.
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def room(self, size: int) -> bool:
+        """Whether ``size`` more bytes may be held."""
+        return self.bytes + size <= self.limit
+
+    def add(
+        self, key: int, fd: int, size: int, done: Callable[[BaseException | None], None] | None
+    ) -> None:
+        """Hold ``fd`` (``size`` bytes) until :meth:`release` of ``key``.
+
+        ``done`` is told when the file is let go: None once released (or after
+        ``hold``: the peer had its chance), ``ConnectionLost`` when the connection
+        closes first.
+        """
+        old = self._files.pop(key, None)
+        if old is not None:
+            self._close(old, None)
+        self._files[key] = _Held(fd, size, self._clock(), done)
+        self.bytes += size
+
+    def release(self, key: int) -> bool:
+        """The peer mapped the file of ``key``: close it. False for an unknown key."""
+        held = self._files.pop(key, None)
+        if held is None:
+            return False
+        self._close(held, None)
+        return True
+
+    def expire(self) -> None:
+        """Close the files held longer than ``hold``."""
+        limit = self._clock() - self.hold
+        for key in [k for k, held in self._files.items() if held.since <= limit]:
+            self._close(self._files.pop(key), None)
+
+    def close(self) -> None:
+        """Close every file held (the connection is gone)."""
+        files, self._files = self._files, {}
+        for held in files.values():
+            self._close(held, ConnectionLost("connection closed"))
+
+    def _close(self, held: _Held, error: BaseException | None) -> None:
+        self.bytes -= held.size
+        try:
+            os.close(held.fd)
+        except OSError:
+            pass
+        if held.done is not None:
+            held.done(error)
+
+
+class _Held(NamedTuple):
+    fd: int
+    size: int
+    since: float
+    done: Callable[[BaseException | None], None] | None
