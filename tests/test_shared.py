@@ -104,6 +104,16 @@ def test_anything_but_a_descriptor_fails_the_call(length: int) -> None:
     actions = inbound.take()
     assert [type(a).__name__ for a in actions] == ["Discard", "Fail"]
     assert "descriptor" in actions[1].error.message
+    assert actions[0].release == (0 << 8) | 1  # the peer is told to close its file
+
+
+def test_shared_parts_of_a_failed_call_are_released() -> None:
+    inbound, [(ftag, frame), (p1, _), (p2, _)] = _flagged([codec.SHARED_MIN] * 2)
+    inbound.on_frame(ftag, frame)
+    inbound.on_part(p1, 3, "bad")  # not a descriptor: the call fails
+    inbound.on_part(p2, wire.DESCRIPTOR_SIZE, "good")
+    discards = [a for a in inbound.take() if type(a).__name__ == "Discard"]
+    assert [d.release for d in discards] == [1, 2]
 
 
 @pytest.mark.parametrize("mapped", [None, b"", b"x" * (codec.SHARED_MIN - 1)])
@@ -192,21 +202,66 @@ def test_a_probe_proves_the_peer_can_be_read(fds: list[int]) -> None:
 
 def test_exports_are_bounded_released_and_expire() -> None:
     now = [0.0]
-    exports = shared.Exports(limit=3 * MIB, hold=10.0, clock=lambda: now[0])
+    exports = shared.Exports(limit=3 * MIB, hold=10.0, clock=lambda: now[0], max_files=3)
     made = [shared.export([bytes(MIB)]) for _ in range(3)]
+    told: list[Any] = []
     for key, fd in enumerate(made):
         assert exports.room(MIB)
-        exports.add(key, fd, MIB, None)
+        exports.add(key, fd, MIB, told.append)
     assert not exports.room(1) and exports.bytes == 3 * MIB
     assert exports.release(0) and not exports.release(0)
+    assert told == [None]
     with pytest.raises(OSError):
         os.fstat(made[0])  # closed
+    assert exports.room(MIB) and not exports.room(MIB, files=2)  # files are bounded too
     now[0] = 11.0
     exports.expire()
     assert len(exports) == 0 and exports.bytes == 0
+    assert [type(e).__name__ for e in told] == ["NoneType", "DeadlineExceeded", "DeadlineExceeded"]
     for fd in made[1:]:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_files_held_over_the_process_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared.Exports, "process_limit", shared.Exports.process_held + 1)
+    one = shared.Exports(limit=MIB, hold=1.0, clock=lambda: 0.0)
+    other = shared.Exports(limit=MIB, hold=1.0, clock=lambda: 0.0)
+    one.add(1, shared.export([b"x"]), 1, None)
+    assert not other.room(1)
+    one.close()
+    assert other.room(1)
+
+
+def test_mapped_parts_hold_no_fd_and_are_bounded(
+    fds: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    n = codec.SHARED_MIN
+    fd = shared.export([bytes(n), wire.trailer(KEY, 1, 1, n)])
+    fds.append(fd)
+    before = len(os.listdir("/proc/self/fd"))
+    views = [shared.open_part(os.getpid(), fd, n, _check(1, 1, n)) for _ in range(200)]
+    assert len(os.listdir("/proc/self/fd")) == before  # a mapping keeps no fd open
+    monkeypatch.setattr(shared._Mappings, "limit", shared._Mappings.live)
+    with pytest.raises(ProtocolError, match="are mapped in this process"):
+        shared.open_part(os.getpid(), fd, n, _check(1, 1, n))
+    live = shared._Mappings.live
+    del views
+    assert shared._Mappings.live == live - 200  # unmapped with their last view
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file of another user")
+def test_a_file_of_another_user_is_refused_even_by_root(fds: list[int]) -> None:
+    # A privileged receiver must not open what an unprivileged peer points it at.
+    n = codec.SHARED_MIN
+    os.seteuid(65534)  # files made now belong to nobody
+    try:
+        fd = shared.export([bytes(n), wire.trailer(KEY, 1, 1, n)])
+    finally:
+        os.seteuid(0)
+    fds.append(fd)
+    with pytest.raises(ProtocolError, match="of this user"):
+        shared.open_part(os.getpid(), fd, n, _check(1, 1, n))
 
 
 # -- two processes over UCX ---------------------------------------------------------------------

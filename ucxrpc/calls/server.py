@@ -591,7 +591,14 @@ class _ServerConn:
         max_size = min(self.manager.config.max_message_size, hello["max"])
         ep = self.manager.endpoint_to(hello["addr"])
         link = self.manager.open_link(self, key)
-        link.connect(ep, hello["cid"], hello["key"], max_size, peer_pid=hello.get("pid"))
+        link.connect(
+            ep,
+            hello["cid"],
+            hello["key"],
+            max_size,
+            peer_pid=hello.get("pid"),
+            probe=hello.get("probe"),
+        )
         self.link = link
         return link.local_id
 

@@ -69,7 +69,7 @@ class Config(BaseSettings):
     )
     shared_min: int = Field(
         256 * 1024,
-        ge=32 * 1024,
+        ge=256 * 1024,
         description="a frame with a part at least this large sends its parts shared "
         "(shared_memory)",
     )

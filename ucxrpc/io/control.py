@@ -316,18 +316,6 @@ def _sharing(config: Config) -> bool:
     return config.shared_memory and shared.available()
 
 
-def _close_later(fd: int, delay: float) -> None:
-    """Close a probe file once the peer had its time to read it."""
-
-    def close() -> None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-    asyncio.get_running_loop().call_later(delay, close)
-
-
 def _verify(proof: Any, expected: bytes) -> bool:
     """Constant-time proof check (also when the proof is missing or mistyped)."""
     given = proof if type(proof) is bytes else b""
@@ -352,8 +340,10 @@ async def answer(
     :class:`~ucxrpc.RpcError`) and returns the connection id this side assigned. It
     is called only once the hello is fully validated (and authenticated, with a
     token), with the hello's fields; its ``"key"`` is the client's key, unmasked (the
-    secret to put in frames sent to the client), and its ``"pid"`` the client's pid
-    when this side proved it can map the client's shared parts (else None).
+    secret to put in frames sent to the client), its ``"pid"`` the client's pid
+    when this side proved it can map the client's shared parts (else None), and its
+    ``"probe"`` the fd of this side's probe for the client to read (else None): the
+    connection owns it from then on (``Link.connect(probe=...)``).
 
     Args:
         reader: The control stream.
@@ -393,10 +383,22 @@ async def answer(
         peer_key = _xor(hello["key"], _client_pad(token, challenge, hello["nonce"]))
     else:
         peer_key = hello["key"]
-    peer_pid = None
+    peer_pid = probe = None
+    shm = b""
     if "shm" in hello and _sharing(config):
         peer_pid = shared.read_probe(hello["shm"], hello["nonce"])
-    local_id = open_conn({**hello, "key": peer_key, "pid": peer_pid})
+        if peer_pid is not None:
+            try:
+                probe, shm = shared.make_probe(challenge)
+            except OSError:
+                probe = None
+    try:
+        # The connection owns the probe from here (closed once the peer read it).
+        local_id = open_conn({**hello, "key": peer_key, "pid": peer_pid, "probe": probe})
+    except BaseException:
+        if probe is not None:
+            os.close(probe)
+        raise
     if type(local_id) is not int or not 0 < local_id <= codec.MAX_CONN_ID:
         raise ValueError(f"open_conn returned an invalid connection id {local_id!r}")
     welcome: dict[str, Any] = {
@@ -406,13 +408,8 @@ async def answer(
         "max": config.max_message_size,
         "key": local_key if token is None else _xor(local_key, _server_pad(token, transcript)),
     }
-    if peer_pid is not None:
-        try:
-            probe, welcome["shm"] = shared.make_probe(challenge)
-        except OSError:
-            pass
-        else:
-            _close_later(probe, config.connect_timeout)
+    if probe is not None:
+        welcome["shm"] = shm
     if token is not None:
         transcript += _encode(b"welcome", welcome)
         welcome["proof"] = _mac(token, _SERVER_PROOF, transcript)

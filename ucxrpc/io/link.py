@@ -149,6 +149,7 @@ class Link:
         self.exports: shared.Exports | None = None
         self._releases: list[int] = []
         self._export_timer: asyncio.TimerHandle | None = None
+        self._probe: int | None = None
         #: Parts sent shared and received shared.
         self.shared_sent = 0
         self.shared_received = 0
@@ -161,6 +162,7 @@ class Link:
         max_size: int,
         *,
         peer_pid: int | None = None,
+        probe: int | None = None,
     ) -> None:
         """Join the link to the peer's endpoint once the handshake is done.
 
@@ -172,6 +174,9 @@ class Link:
             peer_pid: The peer's pid, when the handshake proved this side can map
                 the peer's shared parts: the link then tells the peer so (an empty
                 RELEASE), and accepts shared parts from that process only.
+            probe: The fd of this side's handshake probe, if the peer may still have
+                to read it: closed when the peer's first RELEASE comes (it has read
+                it) or the link closes.
         """
         secret, key = key_parts(peer_key)
         self.ep = ep
@@ -182,6 +187,7 @@ class Link:
         if peer_pid is not None and self.share_min:
             self.peer_pid = peer_pid
             self.send(0, codec.encode(Kind.RELEASE, 0, []))
+        self._probe = probe  # owned from here, once nothing above can fail
 
     # -- arrivals (from the manager's router) ----------------------------------------------
 
@@ -217,6 +223,8 @@ class Link:
                 self.engine.receive(action.handle, action.buffer, self._part_done(action.token))
             elif type(action) is Discard:
                 self.engine.discard(action.handle, action.length)
+                if action.release is not None:
+                    self._queue_release(action.release)
             elif type(action) is Fail:
                 owner.failed(action.call_id, action.kind, action.error)
             elif type(action) is Violation:
@@ -242,6 +250,7 @@ class Link:
         assert where is not None
 
         def done(exc: BaseException | None) -> None:
+            self._queue_release((where.seq << 8) | where.part)
             if exc is not None:
                 if isinstance(exc, ConnectionLost):
                     self._broken(exc)
@@ -250,7 +259,6 @@ class Link:
                 return
             try:
                 fd, length = wire_shared.parse_descriptor(desc)
-                self._queue_release((where.seq << 8) | where.part)
                 if self.peer_pid is None:
                     raise ProtocolError("shared part from a peer that may not share")
                 if length != where.length:
@@ -273,6 +281,14 @@ class Link:
 
         return done
 
+    def _close_probe(self) -> None:
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            try:
+                os.close(probe)
+            except OSError:
+                pass
+
     def _queue_release(self, key: int) -> None:
         if not self._releases:
             self.loop.call_soon(self._send_releases)
@@ -291,9 +307,11 @@ class Link:
             keys = codec.decode_payload(header, payload)
         except ProtocolError:
             keys = None
-        if type(keys) is not list or not self.share_min:
+        if type(keys) is not list or not self.share_min or self.peer_pid is None:
+            # Shared parts go only to a peer this side proved is on this host too.
             self.unmatched += 1
             return
+        self._close_probe()
         exports = self.exports
         if exports is None:
             # The peer maps our files: from now on large parts go shared.
@@ -328,8 +346,8 @@ class Link:
         sizes = [codec.nbytes(p) for p in encoded.parts]
         if max(sizes) < self.share_min:
             return encoded, done
-        total = sum(n for n in sizes if n >= codec.SHARED_MIN)
-        if not exports.room(total):
+        large = [n for n in sizes if n >= codec.SHARED_MIN]
+        if not exports.room(sum(large), len(large)):
             return encoded, done
         parts: list[Any] = []
         made: list[tuple[int, int, int]] = []
@@ -342,9 +360,11 @@ class Link:
                 fd = shared.export([codec.contiguous(part), mac])
                 made.append(((seq << 8) | i, fd, n))
                 parts.append(wire_shared.descriptor(fd, n))
-        except OSError as exc:
+        except BaseException as exc:
             for _, fd, _ in made:
                 os.close(fd)
+            if not isinstance(exc, OSError):
+                raise
             log.debug("ucxrpc: cannot share parts (%s); sending them over UCX", exc)
             return encoded, done
         if done is not None:
@@ -455,6 +475,7 @@ class Link:
             self._export_timer = None
         if self.exports is not None:
             self.exports.close()
+        self._close_probe()
         self.inbound.close()
         for action in self.inbound.take():
             if type(action) is Discard:

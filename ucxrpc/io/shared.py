@@ -21,16 +21,18 @@ connection closes, or ``hold`` seconds pass, whichever comes first.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
 import stat
 import struct
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
-from ..errors import ConnectionLost, ProtocolError
+from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
 
 __all__ = ["Exports", "available", "export", "make_probe", "open_part", "read_probe"]
@@ -45,6 +47,18 @@ _NEEDED: Final = (
 _SEALS: Final = _NEEDED | getattr(fcntl, "F_SEAL_SEAL", 0)
 _PROBE: Final = struct.Struct("!II")
 _CHUNK: Final = 1 << 30
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
 
 def available() -> bool:
@@ -80,25 +94,35 @@ def export(pieces: Sequence[Any]) -> int:
 
 
 def _open(pid: int, fd: int, size: int) -> int:
-    """Open another process's sealed memory file of exactly ``size`` bytes."""
+    """Open another process's sealed memory file of exactly ``size`` bytes.
+
+    The peer's fd slot is resolved with ``O_PATH`` first, which opens nothing (no
+    device is touched, nothing can block); only a regular file of this user, named
+    as ucxrpc names its files, is then opened for reading, through that same
+    resolved file, so a peer swapping its fd in between gains nothing.
+    """
     path = f"/proc/{pid}/fd/{fd}"
     try:
-        target = os.readlink(path)
-    except OSError as exc:
-        raise ProtocolError(f"shared part unavailable: {exc.strerror}") from None
-    if not target.startswith(_LINK_PREFIX):
-        raise ProtocolError("shared part refused: not a ucxrpc memory file")
-    try:
-        # Non-blocking and no controlling tty: the name was checked, but a peer could
-        # swap its fd between the check and the open.
-        own = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+        if not os.readlink(path).startswith(_LINK_PREFIX):
+            raise ProtocolError("shared part refused: not a ucxrpc memory file")
+        pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
         raise ProtocolError(f"shared part unavailable: {exc.strerror}") from None
     try:
-        info = os.fstat(own)
-        if not stat.S_ISREG(info.st_mode) or info.st_size != size:
+        info = os.fstat(pinned)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+            raise ProtocolError("shared part refused: not a ucxrpc memory file of this user")
+        if not os.readlink(f"/proc/self/fd/{pinned}").startswith(_LINK_PREFIX):
+            raise ProtocolError("shared part refused: not a ucxrpc memory file")
+        own = os.open(f"/proc/self/fd/{pinned}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ProtocolError(f"shared part refused: {exc.strerror}") from None
+    finally:
+        os.close(pinned)
+    try:
+        if os.fstat(own).st_size != size:
             raise ProtocolError(
-                f"shared part refused: {info.st_size} bytes where {size} were announced"
+                f"shared part refused: {os.fstat(own).st_size} bytes where {size} were announced"
             )
         if fcntl.fcntl(own, fcntl.F_GET_SEALS) & _NEEDED != _NEEDED:
             raise ProtocolError("shared part refused: the file is not sealed")
@@ -111,6 +135,37 @@ def _open(pid: int, fd: int, size: int) -> int:
     return own
 
 
+class _Mappings:
+    """Mappings of shared parts alive in this process, bounded: each one is a kernel
+    mapping (``vm.max_map_count`` is about 65,000 per process, for everything)."""
+
+    limit = 8192
+    live = 0
+
+
+def _map(fd: int, size: int) -> memoryview:
+    """A private, writable (copy on write) mapping of ``fd``, unmapped once the last
+    view of it is gone. (``mmap.mmap`` would keep a duplicate of the fd open for as
+    long as the mapping lives: an fd per part received.)"""
+    if _Mappings.live >= _Mappings.limit:
+        raise ProtocolError(
+            f"shared part refused: {_Mappings.live} shared parts are mapped in this process"
+        )
+    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        err = ctypes.get_errno()
+        raise ProtocolError(f"shared part refused: cannot map it: {os.strerror(err)}")
+    region = (ctypes.c_char * size).from_address(addr)
+    _Mappings.live += 1
+    weakref.finalize(region, _unmap, addr, size)
+    return memoryview(region).cast("B")
+
+
+def _unmap(addr: int, size: int) -> None:
+    _libc.munmap(addr, size)
+    _Mappings.live -= 1
+
+
 def open_part(pid: int, fd: int, length: int, check: Callable[[bytes], bool]) -> memoryview:
     """Map a shared part: ``length`` bytes followed by a trailer that ``check`` accepts.
 
@@ -118,20 +173,20 @@ def open_part(pid: int, fd: int, length: int, check: Callable[[bytes], bool]) ->
         A writable (copy-on-write), zero-copy view of the part's bytes.
 
     Raises:
-        ProtocolError: The file is gone, is not a sealed ucxrpc memory file of the
-            announced size, or its trailer does not bind it to this connection.
+        ProtocolError: The file is gone, is not a sealed ucxrpc memory file of this
+            user and of the announced size, or its trailer does not bind it to this
+            connection.
     """
     own = _open(pid, fd, length + TRAILER_SIZE)
     try:
         if not check(os.pread(own, TRAILER_SIZE, length)):
             raise ProtocolError("shared part refused: its trailer does not match")
-        prot = mmap.PROT_READ | mmap.PROT_WRITE
-        mapped = mmap.mmap(own, length + TRAILER_SIZE, flags=mmap.MAP_PRIVATE, prot=prot)
+        view = _map(own, length + TRAILER_SIZE)
     except OSError as exc:
         raise ProtocolError(f"shared part refused: {exc.strerror}") from None
     finally:
         os.close(own)
-    return memoryview(mapped)[:length]
+    return view[:length]
 
 
 def make_probe(content: bytes) -> tuple[int, bytes]:
@@ -168,14 +223,25 @@ def read_probe(field: bytes, content: bytes) -> int | None:
 class Exports:
     """The memory files one connection has sent and the peer may not have mapped yet.
 
+    Every file held is an fd of this process, so their number is bounded too: per
+    connection (``max_files``) and over the process (:attr:`process_limit`).
+
     Args:
         limit: Bytes held at most; a part that does not fit travels over UCX.
         hold: Seconds a file is kept for a peer that never says it mapped it.
         clock: The current time in seconds.
+        max_files: Files held at most.
     """
 
-    def __init__(self, limit: int, hold: float, clock: Callable[[], float]) -> None:
+    #: Files held over every connection of the process, and the most it may hold.
+    process_held = 0
+    process_limit = 1024
+
+    def __init__(
+        self, limit: int, hold: float, clock: Callable[[], float], max_files: int = 256
+    ) -> None:
         self.limit = limit
+        self.max_files = max_files
         self.hold = hold
         self._clock = clock
         self._files: dict[int, _Held] = {}
@@ -185,9 +251,13 @@ class Exports:
     def __len__(self) -> int:
         return len(self._files)
 
-    def room(self, size: int) -> bool:
-        """Whether ``size`` more bytes may be held."""
-        return self.bytes + size <= self.limit
+    def room(self, size: int, files: int = 1) -> bool:
+        """Whether ``files`` more files of ``size`` bytes in all may be held."""
+        return (
+            self.bytes + size <= self.limit
+            and len(self._files) + files <= self.max_files
+            and Exports.process_held + files <= Exports.process_limit
+        )
 
     def add(
         self, key: int, fd: int, size: int, done: Callable[[BaseException | None], None] | None
@@ -203,6 +273,7 @@ class Exports:
             self._close(old, None)
         self._files[key] = _Held(fd, size, self._clock(), done)
         self.bytes += size
+        Exports.process_held += 1
 
     def release(self, key: int) -> bool:
         """The peer mapped the file of ``key``: close it. False for an unknown key."""
@@ -216,7 +287,8 @@ class Exports:
         """Close the files held longer than ``hold``."""
         limit = self._clock() - self.hold
         for key in [k for k, held in self._files.items() if held.since <= limit]:
-            self._close(self._files.pop(key), None)
+            error = DeadlineExceeded(f"the peer did not take a shared part in {self.hold} s")
+            self._close(self._files.pop(key), error)
 
     def close(self) -> None:
         """Close every file held (the connection is gone)."""
@@ -226,6 +298,7 @@ class Exports:
 
     def _close(self, held: _Held, error: BaseException | None) -> None:
         self.bytes -= held.size
+        Exports.process_held -= 1
         try:
             os.close(held.fd)
         except OSError:

@@ -295,7 +295,13 @@ class Worker:
             link = manager.open_link(peer, key)
             peer.link = link
             self._attach(
-                peer, hello["addr"], hello["cid"], hello["key"], hello["max"], hello.get("pid")
+                peer,
+                hello["addr"],
+                hello["cid"],
+                hello["key"],
+                hello["max"],
+                hello.get("pid"),
+                hello.get("probe"),
             )
             return link.local_id
 
@@ -363,11 +369,17 @@ class Worker:
         peer_key: bytes,
         peer_max: int,
         peer_pid: int | None,
+        probe: int | None = None,
     ) -> None:
         link = peer.link
         assert link is not None
         link.connect(
-            self.manager.endpoint_to(addr), remote_id, peer_key, peer_max, peer_pid=peer_pid
+            self.manager.endpoint_to(addr),
+            remote_id,
+            peer_key,
+            peer_max,
+            peer_pid=peer_pid,
+            probe=probe,
         )
         peer.id = next(self._ids)
         self._peers[peer.id] = peer

@@ -83,10 +83,15 @@ class Receive(NamedTuple):
 
 
 class Discard(NamedTuple):
-    """Consume the probed part ``handle`` (``length`` bytes) and drop it."""
+    """Consume the probed part ``handle`` (``length`` bytes) and drop it.
+
+    ``release`` is set when the part was a shared part's descriptor: the peer is told
+    (RELEASE ``release``) so that it closes the file at once.
+    """
 
     handle: Any
     length: int
+    release: int | None = None
 
 
 class Deliver(NamedTuple):
@@ -467,8 +472,9 @@ class Inbound:
 
     def _arrived(self, expected: _Expected, length: int, handle: Any) -> None:
         entry = expected.entry
+        release = (expected.seq << 8) | (expected.index + 1) if expected.shared else None
         if entry.error is not None:
-            self._actions.append(Discard(handle, length))
+            self._actions.append(Discard(handle, length, release))
             entry.missing -= 1
             return
         wire = DESCRIPTOR_SIZE if expected.shared else expected.size
@@ -478,7 +484,7 @@ class Inbound:
                 f"{what} {expected.index + 1} of call {entry.call_id} is {length} bytes; "
                 f"{'a descriptor is' if expected.shared else 'its frame announced'} {wire}"
             )
-            self._actions.append(Discard(handle, length))
+            self._actions.append(Discard(handle, length, release))
             entry.missing -= 1
             return
         index = expected.index

@@ -183,7 +183,7 @@ _unpack_prefix = _PREFIX.unpack_from
 _KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB | Flags.INPUT_STREAM | Flags.SHARED_PARTS)
 #: With ``Flags.SHARED_PARTS``, exactly the parts announced at least this large are
 #: shared (smaller ones travel as bytes, as always).
-SHARED_MIN: Final = 32 * 1024
+SHARED_MIN: Final = 256 * 1024
 _FLAGS = struct.Struct("!H")
 
 
