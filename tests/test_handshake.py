@@ -205,7 +205,13 @@ async def test_handshake_exchanges_addresses_ids_limits_and_keys(token: str | No
         assert await srv.wait() is True
     # Both sides run in this process, so each proved it can map the other's files.
     assert done == _control.Handshake(
-        SERVER_ADDR, SERVER_CID, config().max_message_size, SERVER_KEY, CLIENT_KEY, os.getpid()
+        SERVER_ADDR,
+        SERVER_CID,
+        config().max_message_size,
+        SERVER_KEY,
+        CLIENT_KEY,
+        os.getpid(),
+        True,
     )
     (hello,) = srv.opened
     assert hello["key"] == CLIENT_KEY  # unmasked for open_conn

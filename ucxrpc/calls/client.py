@@ -231,7 +231,14 @@ class Client:
         )
         ep = manager.endpoint_to(hs.peer_address)
         self._ep_open = True
-        link.connect(ep, hs.peer_conn_id, hs.peer_key, hs.peer_max, peer_pid=hs.peer_pid)
+        link.connect(
+            ep,
+            hs.peer_conn_id,
+            hs.peer_key,
+            hs.peer_max,
+            peer_pid=hs.peer_pid,
+            peer_maps=hs.peer_maps,
+        )
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:
         # The control stream ends when the server's process dies or it closes us.

@@ -106,6 +106,7 @@ class Handshake:
         peer_key: The peer's key: the secret to put in every frame sent to it.
         local_key: Our key, as announced: the secret the peer puts in its frames.
         peer_pid: The peer's pid when we proved we can map its shared parts.
+        peer_maps: The peer proved it can map ours (its welcome offered a probe).
     """
 
     peer_address: bytes
@@ -114,6 +115,7 @@ class Handshake:
     peer_key: bytes
     local_key: bytes
     peer_pid: int | None = None
+    peer_maps: bool = False
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -544,7 +546,15 @@ async def _finish_handshake(
     peer_pid = None
     if "shm" in welcome and "shm" in hello:
         peer_pid = shared.read_probe(welcome["shm"], challenge)
-    return Handshake(welcome["addr"], welcome["cid"], welcome["max"], peer_key, local_key, peer_pid)
+    return Handshake(
+        welcome["addr"],
+        welcome["cid"],
+        welcome["max"],
+        peer_key,
+        local_key,
+        peer_pid,
+        peer_pid is not None and "shm" in welcome,
+    )
 
 
 async def initiate(

@@ -162,6 +162,7 @@ class Link:
         max_size: int,
         *,
         peer_pid: int | None = None,
+        peer_maps: bool = False,
         probe: int | None = None,
     ) -> None:
         """Join the link to the peer's endpoint once the handshake is done.
@@ -174,6 +175,8 @@ class Link:
             peer_pid: The peer's pid, when the handshake proved this side can map
                 the peer's shared parts: the link then tells the peer so (an empty
                 RELEASE), and accepts shared parts from that process only.
+            peer_maps: The handshake proved the peer maps this side's files: send
+                large parts shared at once (else once the peer says so).
             probe: The fd of this side's handshake probe, if the peer may still have
                 to read it: closed when the peer's first RELEASE comes (it has read
                 it) or the link closes.
@@ -187,6 +190,8 @@ class Link:
         if peer_pid is not None and self.share_min:
             self.peer_pid = peer_pid
             self.send(0, codec.encode(Kind.RELEASE, 0, []))
+            if peer_maps:
+                self._start_sharing()
         self._probe = probe  # owned from here, once nothing above can fail
 
     # -- arrivals (from the manager's router) ----------------------------------------------
@@ -281,6 +286,12 @@ class Link:
 
         return done
 
+    def _start_sharing(self) -> shared.Exports:
+        """The peer maps our files: from now on large parts go shared."""
+        budget = self.inbound.budget
+        self.exports = shared.Exports(budget.max_bytes, budget.part_timeout, self.loop.time)
+        return self.exports
+
     def _close_probe(self) -> None:
         probe, self._probe = self._probe, None
         if probe is not None:
@@ -312,13 +323,7 @@ class Link:
             self.unmatched += 1
             return
         self._close_probe()
-        exports = self.exports
-        if exports is None:
-            # The peer maps our files: from now on large parts go shared.
-            budget = self.inbound.budget
-            exports = self.exports = shared.Exports(
-                budget.max_bytes, budget.part_timeout, self.loop.time
-            )
+        exports = self.exports or self._start_sharing()
         for key in keys:
             if type(key) is int:
                 exports.release(key)

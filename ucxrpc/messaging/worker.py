@@ -344,7 +344,13 @@ class Worker:
                     key=link.key,
                 )
                 self._attach(
-                    peer, hs.peer_address, hs.peer_conn_id, hs.peer_key, hs.peer_max, hs.peer_pid
+                    peer,
+                    hs.peer_address,
+                    hs.peer_conn_id,
+                    hs.peer_key,
+                    hs.peer_max,
+                    hs.peer_pid,
+                    peer_maps=hs.peer_maps,
                 )
         except BaseException as exc:
             if peer is not None:
@@ -370,6 +376,8 @@ class Worker:
         peer_max: int,
         peer_pid: int | None,
         probe: int | None = None,
+        *,
+        peer_maps: bool = False,
     ) -> None:
         link = peer.link
         assert link is not None
@@ -379,6 +387,7 @@ class Worker:
             peer_key,
             peer_max,
             peer_pid=peer_pid,
+            peer_maps=peer_maps,
             probe=probe,
         )
         peer.id = next(self._ids)
