@@ -153,3 +153,28 @@ async def test_long_waiting_requests_cost_a_drive_a_bounded_slice(pair: Any) -> 
     await send(codec.DATA_BIT | (1 << 39) | 5, b"12345678")
     await until(lambda: engine.in_flight == 9_999)
     assert bytes(bufs[5]) == b"12345678"
+
+
+async def test_one_drive_takes_connections_in_turn(pair: Any) -> None:
+    """Frames found by one drive are handed over connection by connection in turn
+    (each connection's own in arrival order): a flood from one peer does not go first."""
+    faulty, _, recorder, _ = pair
+    sender_ctx = lib.UCXContext({}, (lib.Feature.TAG,))
+    sender = lib.UCXWorker(sender_ctx)
+    addr = lib.UCXAddress.create_from_buffer(bytes(faulty.worker.address.tobytes()))
+    ep = sender.create_endpoint_from_worker_address(addr, False)
+    keep: list[Any] = []
+    # Sent without yielding to the loop: all of them wait in UCX before the next drive.
+    for conn, count in ((1, 10), (2, 2), (3, 1)):
+        for i in range(count):
+            data = b"%d:%d" % (conn, i)
+            req = ep.tag_send(Array(data), lib.UCXXTag((conn << 40) | codec.frame_tag(0, i)))
+            keep += [data, req]
+            for _ in range(100_000):
+                if req.completed:
+                    break
+                sender.progress()
+            assert req.completed
+    await until(lambda: len(recorder.frames) == 13)
+    assert recorder.frames[:6] == [b"1:0", b"2:0", b"3:0", b"1:1", b"2:1", b"1:2"]
+    assert recorder.frames[6:] == [b"1:%d" % i for i in range(3, 10)]

@@ -21,7 +21,9 @@ joins the old, which are swept a bounded slice per drive. So a drive costs what 
 what was posted and a constant, not how much is in flight.
 
 A drive does a bounded amount of work (``max_probes`` arrivals), then yields to the
-loop, so timers, heartbeats and other tasks run while a peer floods. An exception in a
+loop, so timers, heartbeats and other tasks run while a peer floods; the frames one
+drive found are handed over taking connections in turn, so a flooding peer's frames
+do not all go before another peer's. An exception in a
 drive is logged (once per kind) and the drive is rescheduled: progress never stops.
 """
 
@@ -336,6 +338,7 @@ class Engine:
         worker = self._worker
         router = self._router
         found = 0
+        ready: dict[int, list[tuple[int, bytearray]]] = {}
         while found < budget:
             probe = worker.tag_probe(_FRAME_TAG, _FRAME_MASK, True)
             if not probe.matched:
@@ -357,8 +360,34 @@ class Engine:
                 self._failed("frame receive", err)
                 self.discard(probe, size)  # consume it all the same
                 continue
+            if req.completed:  # the common case: a small frame that arrived whole
+                try:
+                    req.check_error()
+                except Exception as err:
+                    log.debug("ucxrpc: a frame failed to arrive: %s", err)
+                    continue
+                ready.setdefault(tag >> 40, []).append((tag, buf))
+                continue
             self._track(req, self._frame_done(tag, buf), buf, True)
+        if ready:
+            self._dispatch(ready)
         return found
+
+    def _dispatch(self, ready: dict[int, list[tuple[int, bytearray]]]) -> None:
+        """Hand the frames one drive found to the router, taking connections in turn
+        (each in its own arrival order): a peer that floods gets one frame handled per
+        turn like any other, not the whole drive before them."""
+        router = self._router
+        queues = list(ready.values())
+        if len(queues) == 1:
+            turns: Any = queues[0]
+        else:
+            turns = (q[i] for i in range(max(map(len, queues))) for q in queues if i < len(q))
+        for tag, buf in turns:
+            try:
+                router.on_frame(tag, buf)
+            except Exception as err:
+                self._failed("frame", err)
 
     def _frame_done(self, tag: int, buf: bytearray) -> Callback:
         router = self._router
