@@ -406,6 +406,23 @@ class Inbound:
 
     def _frame(self, buf: Any, prefix: codec.Prefix) -> None:
         seq = prefix.seq
+        decoded: tuple[Header, memoryview] | None = None
+        if seq == self._next and not self._entries:
+            # The next frame in order with nothing waiting (the common case): a frame
+            # without parts is delivered at once, with no entry to keep.
+            try:
+                decoded = codec.decode_header(buf)
+            except ProtocolError as exc:
+                self._actions.append(Fail(prefix.call_id, _KINDS.get(prefix.kind), exc))
+                self._next = (seq + 1) & _SEQ_MASK
+                self.delivered += 1
+                return
+            header = decoded[0]
+            if not header.parts and header.kind is not Kind.BATCH:
+                self._actions.append(Deliver(header, decoded[1], []))
+                self._next = (seq + 1) & _SEQ_MASK
+                self.delivered += 1
+                return
         ahead = (seq - self._next) & _SEQ_MASK
         if ahead >= self.budget.max_ahead:
             self._violation(f"frame {seq} is out of the window (next is {self._next})")
@@ -423,11 +440,13 @@ class Inbound:
         entry.size = len(buf)
         self._held = held
         self._entries[seq] = entry
-        try:
-            header, payload = codec.decode_header(buf)
-        except ProtocolError as exc:
-            entry.error = exc
-            return
+        if decoded is None:
+            try:
+                decoded = codec.decode_header(buf)
+            except ProtocolError as exc:
+                entry.error = exc
+                return
+        header, payload = decoded
         if header.kind is Kind.BATCH:
             self._violation("a batch inside a batch")
             return
