@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -436,3 +438,35 @@ async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(victim:
         assert header.kind is Kind.ERROR and "may not share" in value[1], value
     finally:
         raw.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a network namespace")
+def test_processes_in_two_network_namespaces_do_not_share() -> None:
+    code = (
+        "import ctypes, os, sys\n"
+        "if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:\n"
+        "    sys.exit('unshare failed')\n"
+        "from ucxrpc.io import shared\n"
+        "fd, field = shared.make_probe(b'n' * 16)\n"
+        "print(field.hex(), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        field = bytes.fromhex(child.stdout.readline().strip())
+        assert shared.read_probe(field, b"n" * 16) is None
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+    # The same probe from this namespace is trusted.
+    fd, field = shared.make_probe(b"n" * 16)
+    try:
+        assert shared.read_probe(field, b"n" * 16) == os.getpid()
+    finally:
+        os.close(fd)

@@ -199,14 +199,24 @@ def make_probe(content: bytes) -> tuple[int, bytes]:
     return fd, _PROBE.pack(os.getpid(), fd)
 
 
+def _same_network(pid: int) -> bool:
+    """Whether ``pid`` runs in this process's network namespace. Processes in two
+    namespaces are treated as two hosts (the way tests and containers separate them),
+    so their traffic goes over the network between them."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return False
+
+
 def read_probe(field: bytes, content: bytes) -> int | None:
     """The peer's pid if the probe ``field`` names a sealed file holding ``content``
-    that this process can open (the two share a host, a pid namespace and the
-    permission to open each other's files), else None."""
+    that this process can open (the two share a host, a pid and a network namespace
+    and the permission to open each other's files), else None."""
     if len(field) != _PROBE.size:
         return None
     pid, fd = _PROBE.unpack(field)
-    if pid <= 0:
+    if pid <= 0 or not _same_network(pid):
         return None
     try:
         own = _open(pid, fd, len(content))
