@@ -575,6 +575,8 @@ class Worker:
         if item is None:
             self._peer(endpoint_id)
             fut = self._inbox.wait(endpoint_id, tag)
+            engine = self.manager.engine
+            engine.awaiting += 1  # a message is expected: poll for it a while
             try:
                 async with asyncio.timeout(timeout):
                     item = await fut
@@ -585,6 +587,8 @@ class Worker:
                 raise DeadlineExceeded(
                     f"no message on tag {tag} from endpoint {endpoint_id} within {timeout} s{hint}"
                 ) from None
+            finally:
+                engine.awaiting -= 1
         return self._accept_item(item, max_size)
 
     def try_recv_tag(
@@ -609,12 +613,16 @@ class Worker:
         item = self._inbox.take_any()
         if item is None:
             fut = self._inbox.wait_any()
+            engine = self.manager.engine
+            engine.awaiting += 1
             try:
                 async with asyncio.timeout(timeout):
                     _, item = await fut
             except TimeoutError:
                 fut.cancel()
                 raise DeadlineExceeded(f"no message within {timeout} s") from None
+            finally:
+                engine.awaiting -= 1
         return item.endpoint, Message(item.tag, item.data, item.timestamp)
 
     def _accept_item(self, item: Queued, max_size: int | None) -> bytes:
