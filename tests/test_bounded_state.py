@@ -201,3 +201,25 @@ async def test_a_malformed_credit_on_a_bidi_call_leaks_no_input_stream(
         (conn,) = server._conns
         assert len(conn.inputs) == 0, f"{len(conn.inputs)} input streams left behind"
     await server.stop()
+
+
+async def test_a_client_at_its_in_flight_limit_is_never_refused(spawn: Any) -> None:
+    """A client keeps ``max_inflight`` calls in flight all the time (each caller sends
+    its next call as soon as its reply arrives). The server must not count a reply
+    whose send it has not reaped yet as a running call: that client never exceeds the
+    limit, so none of its calls may fail with ResourceExhausted."""
+    port = int(spawn("serve.py", env={"UCXRPC_MAX_INFLIGHT": "8"}).read_ready()[0])
+    async with ucxrpc.Manager(max_inflight=8) as manager:
+        client = await manager.connect("127.0.0.1", port)
+        failures: list[BaseException] = []
+
+        async def caller() -> None:
+            for _ in range(1000):
+                try:
+                    await client.call("ping")
+                except ucxrpc.RpcError as exc:
+                    failures.append(exc)
+
+        await asyncio.gather(*(caller() for _ in range(8)))
+        assert failures == []
+        await client.close()

@@ -421,6 +421,9 @@ class Server:
         finally:
             if acquired:
                 self._limiter.release()
+            # Off the table now, not in the task's done callback a loop iteration
+            # later: by then the caller may have sent its next call.
+            conn.finished(call_id)
 
     async def _admit(
         self, priority: int, deadline: float | None, method: str, conn: _ServerConn
@@ -681,10 +684,13 @@ class _ServerConn:
         if not notify and call_id in self.calls:
             self.reply_error(call_id, ProtocolError(f"call id {call_id} is already in flight"))
             return
-        # Replies the peer has not taken yet count too: a peer that never receives
-        # cannot make the server hold more than max_inflight of them.
+        # Replies the peer has not taken yet are bounded too, on their own: a peer that
+        # never receives cannot make the server hold more than max_inflight of them.
+        # (Not added to the running calls: a reply's send may complete only after
+        # the client, which counts the call until its reply arrives, sent the next.)
         pending = 0 if self.link is None else self.link.pending_sends
-        if len(self.calls) + len(self.notes) + pending >= self._max_inflight:
+        running = len(self.calls) + len(self.notes)
+        if running >= self._max_inflight or pending >= self._max_inflight:
             if not notify:
                 self.reply_error(
                     call_id,
@@ -704,6 +710,18 @@ class _ServerConn:
                 )
             # Also when the task is cancelled before it ever ran (its finally never runs).
             task.add_done_callback(functools.partial(self._ended, call_id))
+
+    def finished(self, call_id: int) -> None:
+        """The running task's call has answered (or ended): it no longer counts
+        against ``max_inflight``."""
+        task = asyncio.current_task()
+        if task is None:
+            return
+        if self.calls.get(call_id) is task:
+            del self.calls[call_id]
+            self.inputs.pop(call_id, None)
+        else:
+            self.notes.discard(task)
 
     def _ended(self, call_id: int, task: asyncio.Task[None]) -> None:
         if self.calls.get(call_id) is task:

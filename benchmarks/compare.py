@@ -1,0 +1,476 @@
+"""ucxrpc against its peers in one run: raw ucxx, msgpack-RPC over TCP and gRPC.
+
+Every system runs as a server process and a client process on 127.0.0.1, started here
+with ``subprocess`` (never fork after UCX is up) and stopped by pid. For each one, the
+client measures the same phases of an echo service:
+
+* **latency**: p50/p99 of sequential 64 B round trips (after a warm-up);
+* **calls/s** with 1, 64 and 1,024 calls in flight (64 B, a fixed time each);
+* **bandwidth** of 4 KiB, 1 MiB and 16 MiB echoes (MiB/s counted one way);
+* **idle CPU** of the connected client and server over one second.
+
+Systems:
+
+* ``ucxrpc``: the library with its defaults (on one host: UCX over TCP with peer error
+  handling, large parts as shared memory files);
+* ``ucxrpc-tcp``: ``UCX_TLS=tcp`` and ``shared_memory=False``, what two hosts get;
+* ``msgpack-rpc``: msgpack-RPC over a uvloop TCP connection (an asyncio ``Protocol``,
+  one future per call; written here, about 60 lines);
+* ``grpc``: gRPC's asyncio API (on asyncio's own loop: under load on uvloop, grpc.aio
+  cancels calls), unary calls of raw bytes (no protobuf), one channel;
+* ``raw-ucxx``: ucxx's asyncio API on worker-address endpoints (shared memory),
+  receiving through ``tag_probe``: the raw peer of ``benchmarks/echo.py``, which
+  measures latency, calls/s with 64 in flight and 16 MiB only.
+
+Prints a table of values and ratios (ucxrpc's value over the peer's, so above 1 means
+ucxrpc is better; for latency the peer's over ucxrpc's), writes JSON and, with
+matplotlib, a PNG. Bounded: a time budget per system, every load loop bounded in time.
+
+Usage::
+
+    python benchmarks/compare.py [--quick] [--systems ucxrpc,msgpack-rpc,grpc]
+                                 [--out bench-results/compare.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+HOST = "127.0.0.1"
+SMALL = 64
+WIDTHS = (1, 64, 1024)
+SIZES = (4 << 10, 1 << 20, 16 << 20)
+SYSTEMS = ("ucxrpc", "ucxrpc-tcp", "msgpack-rpc", "grpc", "raw-ucxx")
+HERE = Path(__file__).resolve().parent
+
+Call = Callable[[bytes], Awaitable[Any]]
+
+
+def _echo_module() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_echo", HERE / "echo.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- the phases (any system, through one call) ----------------------------------------------
+
+
+async def measure(call: Call, args: argparse.Namespace, server_pid: int) -> dict[str, Any]:
+    """Every phase through ``call`` (one echo round trip)."""
+    echo = _echo_module()
+    meter = echo.Meter(server_pid)
+    res: dict[str, Any] = {}
+    small = os.urandom(SMALL)
+    for _ in range(args.warmup):
+        await call(small)
+    ns = [0] * args.iters
+    pc = time.perf_counter_ns
+    for i in range(args.iters):
+        t = pc()
+        out = await call(small)
+        ns[i] = pc() - t
+    assert bytes(out) == small, "echo mismatch"
+    ns.sort()
+    res["p50_us"] = round(echo.percentile(ns, 50), 1)
+    res["p99_us"] = round(echo.percentile(ns, 99), 1)
+
+    for width in WIDTHS:
+        done = failed = 0
+
+        async def caller(stop: float) -> None:
+            nonlocal done, failed
+            while time.perf_counter() < stop:
+                try:
+                    await call(small)
+                except Exception:  # counted and reported (gRPC cancels some at 1,024)
+                    failed += 1
+                else:
+                    done += 1
+
+        t0 = time.perf_counter()
+        end = t0 + args.seconds
+        await asyncio.gather(*(caller(end) for _ in range(width)))
+        res[f"calls_per_s_{width}"] = round(done / (time.perf_counter() - t0))
+        if failed:
+            res[f"failed_{width}"] = failed
+
+    for size in SIZES:
+        data = os.urandom(size)
+        rounds = max(3, min(200, (args.bw_bytes // size)))
+        await call(data)
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            out = await call(data)
+        elapsed = time.perf_counter() - t0
+        assert len(out) == size and bytes(out[:64]) == data[:64], "big echo mismatch"
+        res[f"mib_per_s_{size}"] = round(rounds * size / (1 << 20) / elapsed)
+
+    meter.start()
+    await asyncio.sleep(1.0)
+    idle = meter.stop()
+    res["idle_cpu_client_pct"] = idle["client_cpu_pct"]
+    res["idle_cpu_server_pct"] = idle["server_cpu_pct"]
+    return res
+
+
+# -- ucxrpc ---------------------------------------------------------------------------------
+
+
+def ucxrpc_server() -> None:
+    import ucxrpc
+
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def echo(data: memoryview) -> memoryview:
+        return data
+
+    async def main() -> None:
+        async with ucxrpc.Manager() as manager:
+            await server.start(manager, HOST, 0)
+            print(f"READY {server.port}", flush=True)
+            await server.serve_forever()
+
+    ucxrpc.run(main())
+
+
+def ucxrpc_client(args: argparse.Namespace) -> dict[str, Any]:
+    import ucxrpc
+
+    async def main() -> dict[str, Any]:
+        async with ucxrpc.Manager() as manager:
+            client = await manager.connect(HOST, args.port)
+
+            async def call(data: bytes) -> Any:
+                return await client.call("echo", memoryview(data))
+
+            res = await measure(call, args, args.server_pid)
+            await client.close()
+            return res
+
+    return ucxrpc.run(main())
+
+
+# -- msgpack-RPC over TCP -----------------------------------------------------------------------
+
+
+class _MsgpackRpc(asyncio.Protocol):
+    """msgpack-RPC framing: request ``[0, id, method, params]``, reply ``[1, id, err, result]``."""
+
+    def __init__(self, serve: bool) -> None:
+        import msgpack
+
+        self.unpacker = msgpack.Unpacker(max_buffer_size=1 << 30)
+        self.packb = msgpack.packb
+        self.serve = serve
+        self.pending: dict[int, asyncio.Future[Any]] = {}
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.unpacker.feed(data)
+        for msg in self.unpacker:
+            if self.serve:
+                _, msgid, _method, params = msg
+                self.transport.write(self.packb([1, msgid, None, params[0]]))
+            else:
+                fut = self.pending.pop(msg[1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(msg[3])
+
+
+def msgpack_server() -> None:
+    import uvloop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: _MsgpackRpc(True), HOST, 0)
+        print(f"READY {server.sockets[0].getsockname()[1]}", flush=True)
+        await server.serve_forever()
+
+    uvloop.run(main())
+
+
+def msgpack_client(args: argparse.Namespace) -> dict[str, Any]:
+    import socket
+
+    import uvloop
+
+    async def main() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        transport, proto = await loop.create_connection(lambda: _MsgpackRpc(False), HOST, args.port)
+        transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        ids = iter(range(1, 1 << 62))
+
+        async def call(data: bytes) -> Any:
+            msgid = next(ids)
+            fut = loop.create_future()
+            proto.pending[msgid] = fut
+            transport.write(proto.packb([0, msgid, "echo", [data]]))
+            return await fut
+
+        res = await measure(call, args, args.server_pid)
+        transport.close()
+        return res
+
+    return uvloop.run(main())
+
+
+# -- gRPC ---------------------------------------------------------------------------------------
+
+_GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.max_receive_message_length", 1 << 30),
+]
+
+
+def grpc_server() -> None:
+    import grpc
+
+    async def echo(request: bytes, context: Any) -> bytes:
+        return request
+
+    async def main() -> None:
+        server = grpc.aio.server(options=_GRPC_OPTIONS)
+        handler = grpc.method_handlers_generic_handler(
+            "bench", {"echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        server.add_generic_rpc_handlers((handler,))
+        port = server.add_insecure_port(f"{HOST}:0")
+        await server.start()
+        print(f"READY {port}", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(main())  # grpc.aio cancels calls under load on uvloop
+
+
+def grpc_client(args: argparse.Namespace) -> dict[str, Any]:
+    import grpc
+
+    async def main() -> dict[str, Any]:
+        async with grpc.aio.insecure_channel(f"{HOST}:{args.port}", options=_GRPC_OPTIONS) as ch:
+            stub = ch.unary_unary("/bench/echo")
+            return await measure(stub, args, args.server_pid)
+
+    return asyncio.run(main())
+
+
+# -- orchestration ----------------------------------------------------------------------------
+
+ROLES: dict[str, tuple[Callable[[], None], Callable[[argparse.Namespace], dict[str, Any]]]] = {
+    "ucxrpc": (ucxrpc_server, ucxrpc_client),
+    "ucxrpc-tcp": (ucxrpc_server, ucxrpc_client),
+    "msgpack-rpc": (msgpack_server, msgpack_client),
+    "grpc": (grpc_server, grpc_client),
+}
+ENV: dict[str, dict[str, str]] = {
+    "ucxrpc-tcp": {"UCX_TLS": "tcp", "UCXRPC_SHARED_MEMORY": "false"},
+}
+
+
+def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", UCX_NET_DEVICES="lo", **ENV.get(name, {}))
+    base = [sys.executable, __file__, "--system", name]
+    server = subprocess.Popen(
+        [*base, "--role", "server"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    client = None
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline().split()
+        if not line or line[0] != "READY":
+            raise RuntimeError(f"{name} server did not start")
+        extra = ["--port", line[1], "--server-pid", str(server.pid), *_phase_args(args)]
+        client = subprocess.Popen(
+            [*base, "--role", "client", *extra], stdout=subprocess.PIPE, text=True, env=env
+        )
+        out, _ = client.communicate(timeout=args.time_budget)
+        if client.returncode != 0:
+            raise RuntimeError(f"{name} client failed ({client.returncode})")
+        result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+        return result
+    finally:
+        for proc in (client, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def _phase_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "--iters",
+        str(args.iters),
+        "--warmup",
+        str(args.warmup),
+        "--seconds",
+        str(args.seconds),
+        "--bw-bytes",
+        str(args.bw_bytes),
+    ]
+
+
+def raw_ucxx(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw ucxx peer of benchmarks/echo.py (probe-sized receives)."""
+    echo = _echo_module()
+    ns = argparse.Namespace(
+        iters=args.iters,
+        warmup=args.warmup,
+        thr_seconds=args.seconds,
+        bw_iters=max(3, args.bw_bytes // SIZES[-1]),
+        time_budget=args.time_budget,
+        tls=None,
+    )
+    probe = echo.run_pair("raw", "blocking", ns)["probe"]
+    return {
+        "p50_us": probe["p50_us"],
+        "p99_us": probe["p99_us"],
+        "calls_per_s_64": probe["calls_per_s"],
+        f"mib_per_s_{SIZES[-1]}": probe["mib_per_s"],
+        "idle_cpu_client_pct": probe["idle_cpu_client_pct"],
+        "idle_cpu_server_pct": probe["idle_cpu_server_pct"],
+    }
+
+
+COLUMNS = [
+    ("p50_us", "p50 µs", True),
+    ("p99_us", "p99 µs", True),
+    *[(f"calls_per_s_{w}", f"calls/s @{w}", False) for w in WIDTHS],
+    *[
+        (f"mib_per_s_{s}", f"{_label} MiB/s", False)
+        for s, _label in zip(SIZES, ("4 KiB", "1 MiB", "16 MiB"), strict=True)
+    ],
+    ("idle_cpu_server_pct", "idle CPU srv %", True),
+]
+
+
+def ratio(ours: float, theirs: float, lower_is_better: bool) -> str:
+    if not ours or not theirs:
+        return ""
+    value = theirs / ours if lower_is_better else ours / theirs
+    return f" ({value:.2f}x)"
+
+
+def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    ref = rows.get("ucxrpc", {})
+    print("\n| system | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
+    print("|" + "---|" * (len(COLUMNS) + 1))
+    for name, row in rows.items():
+        cells = []
+        for key, _, lower in COLUMNS:
+            if key not in row:
+                cells.append("-")
+                continue
+            value = row[key]
+            shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+            cells.append(shown + ("" if name == "ucxrpc" else ratio(ref.get(key, 0), value, lower)))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nratios: ucxrpc against the peer (above 1: ucxrpc is better)")
+
+
+def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot)")
+        return
+    panels = [
+        ("p50_us", "p50 µs (log)"),
+        ("calls_per_s_64", "calls/s, 64 in flight"),
+        (f"mib_per_s_{SIZES[-1]}", "16 MiB echo MiB/s"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        names = [n for n in rows if key in rows[n]]
+        ax.bar(names, [rows[n][key] for n in names], color="#4477aa")
+        ax.set_title(title)
+        if key == "p50_us":
+            ax.set_yscale("log")
+        ax.tick_params(axis="x", rotation=35)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"plot {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--role", choices=["parent", "server", "client"], default="parent")
+    ap.add_argument("--system", default="")
+    ap.add_argument("--systems", default=",".join(SYSTEMS))
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--server-pid", type=int, default=0)
+    ap.add_argument("--iters", type=int, default=5000)
+    ap.add_argument("--warmup", type=int, default=500)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per calls/s phase")
+    ap.add_argument("--bw-bytes", type=int, default=256 << 20, help="bytes per bandwidth phase")
+    ap.add_argument("--time-budget", type=float, default=240.0, help="seconds per system")
+    ap.add_argument("--quick", action="store_true", help="a smoke run (seconds, not minutes)")
+    ap.add_argument("--out", default="bench-results/compare.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.iters, args.warmup, args.seconds, args.bw_bytes = 500, 50, 0.3, 32 << 20
+    if args.role == "server":
+        ROLES[args.system][0]()
+        return
+    if args.role == "client":
+        print(json.dumps(ROLES[args.system][1](args)), flush=True)
+        return
+
+    from rich.progress import Progress
+
+    names = [n.strip() for n in args.systems.split(",") if n.strip()]
+    rows: dict[str, dict[str, Any]] = {}
+    skipped: dict[str, str] = {}
+    with Progress(transient=True) as progress:
+        task = progress.add_task("systems", total=len(names))
+        for name in names:
+            progress.update(task, description=f"measuring {name}")
+            try:
+                if name == "grpc" and importlib.util.find_spec("grpc") is None:
+                    raise RuntimeError("grpcio is not installed (pip install grpcio)")
+                rows[name] = raw_ucxx(args) if name == "raw-ucxx" else run_system(name, args)
+            except Exception as exc:  # one system failing must not lose the others
+                skipped[name] = str(exc)
+            progress.advance(task)
+    print_table(rows)
+    for name, row in rows.items():
+        for width in WIDTHS:
+            if row.get(f"failed_{width}"):
+                print(f"{name}: {row[f'failed_{width}']:,} calls failed with {width} in flight")
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "seconds": args.seconds,
+        "bw_bytes": args.bw_bytes,
+        "python": sys.version.split()[0],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    out.write_text(json.dumps({"meta": meta, "results": rows, "skipped": skipped}, indent=2))
+    print(f"written {out}")
+    plot(rows, out.with_suffix(".png"))
+
+
+if __name__ == "__main__":
+    main()
