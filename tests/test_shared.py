@@ -360,28 +360,8 @@ async def test_shared_memory_off_sends_everything_over_ucx(spawn: Any) -> None:
 # -- hostile peers ------------------------------------------------------------------------------
 
 
-def echo_server() -> ucxrpc.Server:
-    server = ucxrpc.Server()
-
-    @server.rpc
-    async def echo(data: bytes) -> bytes:
-        return data
-
-    return server
-
-
-@pytest.fixture
-async def victim(manager: ucxrpc.Manager) -> AsyncIterator[tuple[ucxrpc.Server, ucxrpc.Client]]:
-    server = echo_server()
-    await server.start(manager)
-    client = await manager.connect("127.0.0.1", server.port)
-    yield server, client
-    await client.close()
-    await server.stop(1.0)
-
-
 async def _send_shared(raw: RawPeer, call_id: int, desc: bytes, size: int) -> Any:
-    enc = codec.encode(Kind.REQUEST, call_id, [[bytes(size)], {}], method="echo")
+    enc = codec.encode(Kind.REQUEST, call_id, [[bytes(size)], {}], method="blob")
     codec.add_flags(enc.frame, Flags.SHARED_PARTS)
     (ftag, frame), (ptag, _) = raw.out.send(call_id, enc)
     await raw.send_tagged(ftag, frame)
@@ -390,9 +370,9 @@ async def _send_shared(raw: RawPeer, call_id: int, desc: bytes, size: int) -> An
 
 
 async def test_a_peer_naming_files_it_should_not_gets_errors_and_nothing_else(
-    victim: Any, fds: list[int]
+    served: Any, fds: list[int]
 ) -> None:
-    server, client = victim
+    server, client = served
     n = MIB
     async with RawPeer.connected(server.port, config=ucxrpc.Config()) as raw:
         # The victim's key: a file made for the victim's connection, named by the
@@ -417,14 +397,14 @@ async def test_a_peer_naming_files_it_should_not_gets_errors_and_nothing_else(
             assert header.kind is Kind.ERROR, value
             assert value[0] == ucxrpc.StatusCode.INTERNAL and reason in value[1], value
         # The connection goes on, and so does everyone else's.
-        await raw.send(99, codec.encode(Kind.REQUEST, 99, [[b"ok"], {}], method="echo"))
+        await raw.send(99, codec.encode(Kind.REQUEST, 99, [[b"ok"], {}], method="blob"))
         assert (await raw.expect_reply(99))[1] == b"ok"
     data = os.urandom(n)
-    assert await client.call("echo", data) == data
+    assert await client.call("blob", data) == data
 
 
-async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(victim: Any) -> None:
-    server, _ = victim
+async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(served: Any) -> None:
+    server, _ = served
     raw = RawPeer()
     await raw.connect(server.port)  # offers no shared parts
     try:
