@@ -269,3 +269,12 @@ async def test_a_clean_close_is_not_an_error(pair: Pair) -> None:
     await client.close_all()
     await until(lambda: not server.is_connected(srv_ep))
     assert server.stats().errors == 0 and client.stats().errors == 0
+
+
+async def test_a_connection_lost_two_ways_counts_one_error(pair: Pair) -> None:
+    """A link that breaks (a UCX error) and then loses its control connection is one
+    connection lost: one error, whichever is noticed first."""
+    _, client, _, cli_ep = pair
+    client._peers[cli_ep].broken(ucxrpc.ProtocolError("injected"))
+    await until(lambda: not client.is_connected(cli_ep))
+    assert client.stats().errors == 1

@@ -204,7 +204,9 @@ class _Peer:
         self.worker._refused(f"message on tag {call_id} from endpoint {self.id} refused: {error}")
 
     def broken(self, error: RpcError) -> None:
-        self.worker._refused(f"endpoint {self.id} broke the protocol: {error}")
+        # One error per connection lost, whichever notices first: this, or the
+        # control connection's end (both end in _detach, which counts it once).
+        log.warning("endpoint %s broke the protocol: %s", self.id, error)
         asyncio.get_running_loop().create_task(self.worker._detach(self, lost=True))
 
 
