@@ -450,3 +450,29 @@ def test_processes_in_two_network_namespaces_do_not_share() -> None:
         assert shared.read_probe(field, b"n" * 16) == os.getpid()
     finally:
         os.close(fd)
+
+
+def test_a_part_of_a_peer_that_died_is_connection_lost() -> None:
+    n = codec.SHARED_MIN
+    code = (
+        "import os, sys\n"
+        "from ucxrpc.io import shared\n"
+        f"fd = shared.export([bytes({n}), bytes({wire.TRAILER_SIZE})])\n"
+        "print(os.getpid(), fd, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        pid, fd = map(int, child.stdout.readline().split())
+        assert shared.open_part(pid, fd, n, lambda got: True).nbytes == n  # alive: fine
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        for stream in (child.stdin, child.stdout):
+            if stream is not None:
+                stream.close()
+    with pytest.raises(ucxrpc.ConnectionLost, match="is gone"):
+        shared.open_part(pid, fd, n, lambda got: True)

@@ -276,7 +276,9 @@ class Link:
                     return wire_shared.check_trailer(key, where.seq, where.part, length, got)
 
                 mapped = shared.open_part(self.peer_pid, fd, length, check)
-            except ProtocolError as err:
+            except RpcError as err:
+                if isinstance(err, ConnectionLost):
+                    self._broken(err)  # the peer died before we opened its file
                 self.inbound.on_part_done(token, False, error=err)
             else:
                 self.bytes_received += length

@@ -107,6 +107,8 @@ def _open(pid: int, fd: int, size: int) -> int:
             raise ProtocolError("shared part refused: not a ucxrpc memory file")
         pinned = os.open(path, os.O_PATH | os.O_CLOEXEC)
     except OSError as exc:
+        if not _alive(pid):
+            raise ConnectionLost(f"the peer process {pid} is gone") from None
         raise ProtocolError(f"shared part unavailable: {exc.strerror}") from None
     try:
         info = os.fstat(pinned)
@@ -133,6 +135,16 @@ def _open(pid: int, fd: int, size: int) -> int:
         os.close(own)
         raise
     return own
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie has closed its files: it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 class _Mappings:
@@ -173,6 +185,7 @@ def open_part(pid: int, fd: int, length: int, check: Callable[[bytes], bool]) ->
         A writable (copy-on-write), zero-copy view of the part's bytes.
 
     Raises:
+        ConnectionLost: The peer process is gone (its files with it).
         ProtocolError: The file is gone, is not a sealed ucxrpc memory file of this
             user and of the announced size, or its trailer does not bind it to this
             connection.
@@ -220,7 +233,7 @@ def read_probe(field: bytes, content: bytes) -> int | None:
         return None
     try:
         own = _open(pid, fd, len(content))
-    except ProtocolError:
+    except (ProtocolError, ConnectionLost):
         return None
     try:
         return pid if os.pread(own, len(content), 0) == content else None
