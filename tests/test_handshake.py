@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import os
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -125,6 +126,8 @@ class Answerer(Listener):
                 reader, writer, self.cfg, SERVER_ADDR, self.open_conn, key=SERVER_KEY
             )
             self.outcome.append(ok)
+            if ok:  # as a server does: the connection stays until the client leaves
+                await asyncio.wait_for(_control.serve_control(reader, writer), 10)
         except RpcError as exc:
             self.outcome.append(exc)
             _control.refuse(writer, exc)
@@ -666,3 +669,44 @@ async def test_a_probe_holding_the_nonce_is_trusted() -> None:
         assert hello["pid"] == os.getpid()
     finally:
         os.close(fd)
+
+
+_RELAY = """
+import asyncio, sys
+target = int(sys.argv[1])
+async def pipe(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    finally:
+        w.close()
+async def handle(r, w):
+    r2, w2 = await asyncio.open_connection("127.0.0.1", target)
+    await asyncio.gather(pipe(r, w2), pipe(r2, w))
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(srv.sockets[0].getsockname()[1], flush=True)
+    await srv.serve_forever()
+asyncio.run(main())
+"""
+
+
+async def test_a_probe_relayed_by_another_process_is_not_trusted() -> None:
+    """The probe names a process that can be read, but not the one at the other end of
+    the control connection (a relay is): shared parts stay off."""
+    async with Answerer(config()) as srv:
+        relay = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _RELAY, str(srv.port), stdout=asyncio.subprocess.PIPE
+        )
+        try:
+            assert relay.stdout is not None
+            port = int(await asyncio.wait_for(relay.stdout.readline(), 10))
+            done = await connect(port, config(), rich=True)
+            assert await srv.wait() is True
+        finally:
+            relay.kill()
+            await relay.wait()
+    (hello,) = srv.opened
+    assert "shm" in hello and hello["pid"] is None
+    assert isinstance(done, _control.Handshake) and done.peer_pid is None

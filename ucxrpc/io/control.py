@@ -318,6 +318,18 @@ def _sharing(config: Config) -> bool:
     return config.shared_memory and shared.available()
 
 
+def _probed(writer: asyncio.StreamWriter, field: bytes, content: bytes) -> int | None:
+    """The peer's pid, if its probe holds ``content`` and its process is the one at
+    the other end of this control connection."""
+    pid = shared.read_probe(field, content)
+    if pid is None:
+        return None
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    if not isinstance(peer, tuple) or not isinstance(local, tuple):
+        return None
+    return pid if shared.owns_connection(pid, peer, local) else None
+
+
 def _verify(proof: Any, expected: bytes) -> bool:
     """Constant-time proof check (also when the proof is missing or mistyped)."""
     given = proof if type(proof) is bytes else b""
@@ -388,7 +400,7 @@ async def answer(
     peer_pid = probe = None
     shm = b""
     if "shm" in hello and _sharing(config):
-        peer_pid = shared.read_probe(hello["shm"], hello["nonce"])
+        peer_pid = _probed(writer, hello["shm"], hello["nonce"])
         if peer_pid is not None:
             try:
                 probe, shm = shared.make_probe(challenge)
@@ -545,7 +557,7 @@ async def _finish_handshake(
         peer_key = welcome["key"]
     peer_pid = None
     if "shm" in welcome and "shm" in hello:
-        peer_pid = shared.read_probe(welcome["shm"], challenge)
+        peer_pid = _probed(writer, welcome["shm"], challenge)
     return Handshake(
         welcome["addr"],
         welcome["cid"],

@@ -25,6 +25,7 @@ import ctypes
 import fcntl
 import mmap
 import os
+import socket
 import stat
 import struct
 import sys
@@ -35,7 +36,15 @@ from typing import Any, Final, NamedTuple
 from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
 
-__all__ = ["Exports", "available", "export", "make_probe", "open_part", "read_probe"]
+__all__ = [
+    "Exports",
+    "available",
+    "export",
+    "make_probe",
+    "open_part",
+    "owns_connection",
+    "read_probe",
+]
 
 _NAME: Final = "ucxrpc"
 _LINK_PREFIX: Final = f"/memfd:{_NAME}"
@@ -220,6 +229,58 @@ def _same_network(pid: int) -> bool:
         return os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino
     except OSError:
         return False
+
+
+def _proc_net_address(host: str, port: int) -> str:
+    """An address as ``/proc/net/tcp{,6}`` prints it (words in host byte order)."""
+    if ":" in host:
+        raw = socket.inet_pton(socket.AF_INET6, host)
+        words = struct.unpack("=4I", raw)
+        return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
+    (word,) = struct.unpack("=I", socket.inet_aton(host))
+    return f"{word:08X}:{port:04X}"
+
+
+def owns_connection(pid: int, peer: tuple[Any, ...], local: tuple[Any, ...]) -> bool:
+    """Whether process ``pid`` holds the far end of this side's TCP connection from
+    ``local`` to ``peer`` (both as ``getsockname``/``getpeername`` give them).
+
+    This binds a handshake probe to the control connection it came on: a probe that
+    names another process than the one at the other end (say, a victim's, relayed by
+    the peer) is not trusted.
+    """
+    try:
+        want = (_proc_net_address(peer[0], peer[1]), _proc_net_address(local[0], local[1]))
+    except (OSError, ValueError, IndexError, TypeError, struct.error):
+        return False
+    inode = None
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f, None)
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 9 and (fields[1], fields[2]) == want:
+                        inode = fields[9]
+                        break
+        except OSError:
+            continue
+        if inode is not None:
+            break
+    if inode is None or inode == "0":
+        return False
+    target = f"socket:[{inode}]"
+    try:
+        names = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}") == target:
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def read_probe(field: bytes, content: bytes) -> int | None:
