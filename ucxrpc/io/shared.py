@@ -231,14 +231,39 @@ def _same_network(pid: int) -> bool:
         return False
 
 
-def _proc_net_address(host: str, port: int) -> str:
-    """An address as ``/proc/net/tcp{,6}`` prints it (words in host byte order)."""
-    if ":" in host:
-        raw = socket.inet_pton(socket.AF_INET6, host)
-        words = struct.unpack("=4I", raw)
-        return "".join(f"{w:08X}" for w in words) + f":{port:04X}"
-    (word,) = struct.unpack("=I", socket.inet_aton(host))
-    return f"{word:08X}:{port:04X}"
+_SOCK_DIAG_BY_FAMILY: Final = 20
+_NETLINK_SOCK_DIAG: Final = 4
+_DIAG_MSG_INODE: Final = 16 + 4 + 48 + 16  # nlmsghdr, then inet_diag_msg up to inode
+
+
+def _socket_inode(src: str, sport: int, dst: str, dport: int) -> int | None:
+    """The inode of the TCP socket bound to ``src:sport`` and connected to
+    ``dst:dport``, asked of the kernel (sock_diag netlink: one socket looked up, not a
+    table of every socket read)."""
+    family = socket.AF_INET6 if ":" in src else socket.AF_INET
+
+    def address(host: str) -> bytes:
+        return socket.inet_pton(family, host).ljust(16, b"\0")
+
+    sockid = (
+        struct.pack("!HH", sport, dport)
+        + address(src)
+        + address(dst)
+        + struct.pack("=III", 0, 0xFFFFFFFF, 0xFFFFFFFF)  # any interface, no cookie
+    )
+    request = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, 1, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+        nl.settimeout(1.0)
+        nl.send(header + request)
+        reply = nl.recv(65536)
+    if len(reply) < _DIAG_MSG_INODE + 4:
+        return None
+    (kind,) = struct.unpack_from("=H", reply, 4)
+    if kind != _SOCK_DIAG_BY_FAMILY:
+        return None  # an error message: no such socket
+    (inode,) = struct.unpack_from("=I", reply, _DIAG_MSG_INODE)
+    return int(inode) or None
 
 
 def owns_connection(pid: int, peer: tuple[Any, ...], local: tuple[Any, ...]) -> bool:
@@ -250,30 +275,19 @@ def owns_connection(pid: int, peer: tuple[Any, ...], local: tuple[Any, ...]) -> 
     the peer) is not trusted.
     """
     try:
-        want = (_proc_net_address(peer[0], peer[1]), _proc_net_address(local[0], local[1]))
+        inode = _socket_inode(str(peer[0]), int(peer[1]), str(local[0]), int(local[1]))
     except (OSError, ValueError, IndexError, TypeError, struct.error):
         return False
-    inode = None
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                next(f, None)
-                for line in f:
-                    fields = line.split()
-                    if len(fields) > 9 and (fields[1], fields[2]) == want:
-                        inode = fields[9]
-                        break
-        except OSError:
-            continue
-        if inode is not None:
-            break
-    if inode is None or inode == "0":
+    if inode is None:
         return False
     target = f"socket:[{inode}]"
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
         return False
+    # Newest first: the control connection was opened moments ago, so its fd is
+    # among the highest (a process with many connections has many fds).
+    names.sort(key=lambda n: -int(n) if n.isdigit() else 0)
     for name in names:
         try:
             if os.readlink(f"/proc/{pid}/fd/{name}") == target:
