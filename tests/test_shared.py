@@ -335,11 +335,14 @@ async def test_every_file_is_released_and_no_fd_is_left(remote: Any) -> None:
     manager, client = remote
     before = (await client.call("stats"))["fds"]
     mine = len(os.listdir("/proc/self/fd"))
+    exports = client.link.exports
+    assert exports is not None  # both sides proved the probe: sharing from the start
     data = os.urandom(MIB)
     for _ in range(50):
         assert await client.call("echo_view", data) == data
     # The peer's RELEASE frames follow the replies: wait for the last ones.
     await until(lambda: manager.shared_parts[2] == 0)
+    assert client.link.exports is exports  # one account of files held, kept
     stats = await client.call("stats")
     assert stats["held"] == 0 and stats["sent"] == 50
     assert stats["fds"] == before

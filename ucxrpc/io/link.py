@@ -325,7 +325,7 @@ class Link:
             self.unmatched += 1
             return
         self._close_probe()
-        exports = self.exports or self._start_sharing()
+        exports = self.exports if self.exports is not None else self._start_sharing()
         for key in keys:
             if type(key) is int:
                 exports.release(key)
