@@ -20,7 +20,10 @@ Systems:
   cancels calls), unary calls of raw bytes (no protobuf), one channel;
 * ``raw-ucxx``: ucxx's asyncio API on worker-address endpoints (shared memory),
   receiving through ``tag_probe``: the raw peer of ``benchmarks/echo.py``, which
-  measures latency, calls/s with 64 in flight and 16 MiB only.
+  measures latency, calls/s with 64 in flight and 16 MiB only; ``raw-ucxx-tcp`` the
+  same with ``UCX_TLS=tcp``.
+
+``--huge`` adds a 256 MiB echo to the bandwidth phase.
 
 Prints a table of values and ratios (ucxrpc's value over the peer's, so above 1 means
 ucxrpc is better; for latency the peer's over ucxrpc's), writes JSON and, with
@@ -50,7 +53,8 @@ HOST = "127.0.0.1"
 SMALL = 64
 WIDTHS = (1, 64, 1024)
 SIZES = (4 << 10, 1 << 20, 16 << 20)
-SYSTEMS = ("ucxrpc", "ucxrpc-tcp", "msgpack-rpc", "grpc", "raw-ucxx")
+SYSTEMS = ("ucxrpc", "ucxrpc-tcp", "msgpack-rpc", "grpc", "raw-ucxx", "raw-ucxx-tcp")
+HUGE = 256 << 20
 HERE = Path(__file__).resolve().parent
 
 Call = Callable[[bytes], Awaitable[Any]]
@@ -106,7 +110,7 @@ async def measure(call: Call, args: argparse.Namespace, server_pid: int) -> dict
         if failed:
             res[f"failed_{width}"] = failed
 
-    for size in SIZES:
+    for size in (*SIZES, HUGE) if args.huge else SIZES:
         data = os.urandom(size)
         rounds = max(3, min(200, (args.bw_bytes // size)))
         await call(data)
@@ -284,6 +288,8 @@ ENV: dict[str, dict[str, str]] = {
 
 def run_system(name: str, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ, UCX_WARN_UNUSED_ENV_VARS="n", UCX_NET_DEVICES="lo", **ENV.get(name, {}))
+    if args.huge:  # a 256 MiB value plus its frame is over the default limit
+        env["UCXRPC_MAX_MESSAGE_SIZE"] = str(2 * HUGE)
     base = [sys.executable, __file__, "--system", name]
     server = subprocess.Popen(
         [*base, "--role", "server"], stdout=subprocess.PIPE, text=True, env=env
@@ -322,10 +328,11 @@ def _phase_args(args: argparse.Namespace) -> list[str]:
         str(args.seconds),
         "--bw-bytes",
         str(args.bw_bytes),
+        *(["--huge"] if args.huge else []),
     ]
 
 
-def raw_ucxx(args: argparse.Namespace) -> dict[str, Any]:
+def raw_ucxx(args: argparse.Namespace, tls: str | None = None) -> dict[str, Any]:
     """The raw ucxx peer of benchmarks/echo.py (probe-sized receives)."""
     echo = _echo_module()
     ns = argparse.Namespace(
@@ -334,7 +341,7 @@ def raw_ucxx(args: argparse.Namespace) -> dict[str, Any]:
         thr_seconds=args.seconds,
         bw_iters=max(3, args.bw_bytes // SIZES[-1]),
         time_budget=args.time_budget,
-        tls=None,
+        tls=tls,
     )
     probe = echo.run_pair("raw", "blocking", ns)["probe"]
     return {
@@ -352,8 +359,8 @@ COLUMNS = [
     ("p99_us", "p99 µs", True),
     *[(f"calls_per_s_{w}", f"calls/s @{w}", False) for w in WIDTHS],
     *[
-        (f"mib_per_s_{s}", f"{_label} MiB/s", False)
-        for s, _label in zip(SIZES, ("4 KiB", "1 MiB", "16 MiB"), strict=True)
+        (f"mib_per_s_{size}", f"{label} MiB/s", False)
+        for size, label in zip((*SIZES, HUGE), ("4 KiB", "1 MiB", "16 MiB", "256 MiB"), strict=True)
     ],
     ("idle_cpu_server_pct", "idle CPU srv %", True),
 ]
@@ -423,6 +430,7 @@ def main() -> None:
     ap.add_argument("--bw-bytes", type=int, default=256 << 20, help="bytes per bandwidth phase")
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds per system")
     ap.add_argument("--quick", action="store_true", help="a smoke run (seconds, not minutes)")
+    ap.add_argument("--huge", action="store_true", help="also a 256 MiB echo")
     ap.add_argument("--out", default="bench-results/compare.json")
     args = ap.parse_args()
     if args.quick:
@@ -446,7 +454,10 @@ def main() -> None:
             try:
                 if name == "grpc" and importlib.util.find_spec("grpc") is None:
                     raise RuntimeError("grpcio is not installed (pip install grpcio)")
-                rows[name] = raw_ucxx(args) if name == "raw-ucxx" else run_system(name, args)
+                if name.startswith("raw-ucxx"):
+                    rows[name] = raw_ucxx(args, "tcp" if name.endswith("-tcp") else None)
+                else:
+                    rows[name] = run_system(name, args)
             except Exception as exc:  # one system failing must not lose the others
                 skipped[name] = str(exc)
             progress.advance(task)
