@@ -65,6 +65,15 @@ def convert_ucx_error(exc: BaseException) -> RpcError:
     return Unavailable(f"UCX: {name}: {exc}")
 
 
+def _outcome(req: Any) -> BaseException | None:
+    """The error a completed UCX request ended with (converted), or None."""
+    try:
+        req.check_error()
+    except Exception as err:
+        return convert_ucx_error(err)
+    return None
+
+
 class Router(Protocol):
     """Where the engine hands what arrives (the manager, which routes by connection)."""
 
@@ -248,11 +257,7 @@ class Engine:
         self.checked += len(young) + turn
         self._ops = keep
         for op in finished:
-            exc: BaseException | None = None
-            try:
-                op.req.check_error()
-            except Exception as err:
-                exc = convert_ucx_error(err)
+            exc = _outcome(op.req)
             op.req = None
             cb, op.cb = op.cb, None
             if cb is not None:
@@ -266,13 +271,8 @@ class Engine:
 
     def _track(self, req: Any, cb: Callback | None, buf: Any, receive: bool) -> Op | None:
         if req.completed:
-            exc: BaseException | None = None
-            try:
-                req.check_error()
-            except Exception as err:
-                exc = convert_ucx_error(err)
             if cb is not None:
-                self._run(cb, exc)
+                self._run(cb, _outcome(req))
             return None
         if receive:
             self.posted_receives += 1
@@ -338,7 +338,7 @@ class Engine:
         worker = self._worker
         router = self._router
         found = 0
-        ready: dict[int, list[tuple[int, bytearray]]] = {}
+        ready: dict[int, list[tuple[int, bytearray]]] | None = None  # made when needed
         while found < budget:
             probe = worker.tag_probe(_FRAME_TAG, _FRAME_MASK, True)
             if not probe.matched:
@@ -361,12 +361,13 @@ class Engine:
                 self.discard(probe, size)  # consume it all the same
                 continue
             if req.completed:  # the common case: a small frame that arrived whole
-                try:
-                    req.check_error()
-                except Exception as err:
-                    log.debug("ucxrpc: a frame failed to arrive: %s", err)
-                    continue
-                ready.setdefault(tag >> 40, []).append((tag, buf))
+                exc = _outcome(req)
+                if exc is None:
+                    if ready is None:
+                        ready = {}
+                    ready.setdefault(tag >> 40, []).append((tag, buf))
+                else:
+                    log.debug("ucxrpc: a frame failed to arrive: %s", exc)
                 continue
             self._track(req, self._frame_done(tag, buf), buf, True)
         if ready:

@@ -131,10 +131,9 @@ def _open(pid: int, fd: int, size: int) -> int:
     finally:
         os.close(pinned)
     try:
-        if os.fstat(own).st_size != size:
-            raise ProtocolError(
-                f"shared part refused: {os.fstat(own).st_size} bytes where {size} were announced"
-            )
+        actual = os.fstat(own).st_size
+        if actual != size:
+            raise ProtocolError(f"shared part refused: {actual} bytes where {size} were announced")
         if fcntl.fcntl(own, fcntl.F_GET_SEALS) & _NEEDED != _NEEDED:
             raise ProtocolError("shared part refused: the file is not sealed")
     except OSError as exc:
