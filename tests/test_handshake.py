@@ -206,7 +206,11 @@ async def test_handshake_exchanges_addresses_ids_limits_and_keys(token: str | No
     async with Answerer(config(token)) as srv:
         done = await connect(srv.port, config(token), rich=True)
         assert await srv.wait() is True
-    # Both sides run in this process, so each proved it can map the other's files.
+    # Both sides run in this process, so each proved it can map the other's files and
+    # read the other's memory.
+    memory = done.peer_memory
+    assert memory is not None and memory.pid == os.getpid()
+    memory.close()
     assert done == _control.Handshake(
         SERVER_ADDR,
         SERVER_CID,
@@ -215,10 +219,14 @@ async def test_handshake_exchanges_addresses_ids_limits_and_keys(token: str | No
         CLIENT_KEY,
         os.getpid(),
         True,
+        memory,
+        True,
     )
     (hello,) = srv.opened
     assert hello["key"] == CLIENT_KEY  # unmasked for open_conn
     assert hello["pid"] == os.getpid()
+    assert hello["memory"] is not None and hello["memory"].pid == os.getpid()
+    hello["memory"].close()
     assert (hello["addr"], hello["cid"], hello["slot"], hello["win"]) == (
         CLIENT_ADDR,
         CLIENT_CID,
@@ -664,7 +672,9 @@ async def test_a_probe_holding_the_nonce_is_trusted() -> None:
         async with Answerer(config()) as srv:
             reply = await _raw_hello(srv.port, lambda h: h.update(shm=field))
             assert await srv.wait() is True
-        assert reply is not None and len(reply["shm"]) == 8
+        assert reply is not None and len(reply["shm"]) == 16
+        # The probe offered no memory to read, so the server reads none and offers none.
+        assert not shared.offers_memory(reply["shm"])
         (hello,) = srv.opened
         assert hello["pid"] == os.getpid()
     finally:

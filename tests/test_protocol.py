@@ -110,7 +110,7 @@ class Pair(RuleBasedStateMachine):
                 n = codec.nbytes(part)
                 if n >= codec.SHARED_MIN:
                     self.files[(seq, i)] = bytes(part)
-                    part = shared_wire.descriptor(i, n)
+                    part = shared_wire.descriptor(shared_wire.FILE, i, n)
                 parts.append(part)
             encoded = codec.Encoded(encoded.frame, parts)
         return call_id, encoded, value

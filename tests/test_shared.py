@@ -7,7 +7,9 @@ processes over UCX, and hostile peers naming files they should not.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import mmap
 import os
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from conftest import until
 from helpers.rawpeer import RawPeer
 
 import ucxrpc
-from ucxrpc.errors import ProtocolError
+from ucxrpc.errors import ConnectionLost, ProtocolError
 from ucxrpc.io import shared
 from ucxrpc.protocol import Deliver, Fail, Inbound, Outbound, Receive
 from ucxrpc.wire import codec
@@ -40,11 +42,16 @@ SECRET, TAGKEY = 0x1122334455667788, 0xABCDE12345
 # -- wire ---------------------------------------------------------------------------------
 
 
-def test_a_descriptor_names_an_fd_and_a_length() -> None:
-    desc = wire.descriptor(17, 5 * MIB)
+def test_a_descriptor_names_an_fd_or_an_address_and_a_length() -> None:
+    desc = wire.descriptor(wire.FILE, 17, 5 * MIB)
     assert len(desc) == wire.DESCRIPTOR_SIZE
-    assert wire.parse_descriptor(desc) == (17, 5 * MIB)
-    for bad in (desc[:-1], desc + b"\0", desc[:12] + b"\0\0\0\1"):
+    assert wire.parse_descriptor(desc) == (wire.FILE, 17, 5 * MIB)
+    mem = wire.descriptor(wire.MEMORY, 0x7F00_1234_5678, 5 * MIB)
+    assert wire.parse_descriptor(mem) == (wire.MEMORY, 0x7F00_1234_5678, 5 * MIB)
+    bad_kind = bytes([3]) + desc[1:]
+    huge_fd = wire.descriptor(wire.FILE, 1 << 40, 5 * MIB)
+    null = wire.descriptor(wire.MEMORY, 0, 5 * MIB)
+    for bad in (desc[:-1], desc + b"\0", bad_kind, bytes(16), huge_fd, null):
         with pytest.raises(ProtocolError):
             wire.parse_descriptor(bad)
 
@@ -309,6 +316,8 @@ async def test_large_values_cross_processes_intact(remote: Any, size: int) -> No
     if size >= manager.config.shared_min:
         assert sent == 2 and received == 2, manager.shared_parts
         assert stats["received"] == 2 and stats["sent"] == 2
+        # Both sides may read each other's memory here: every part was read, no file made.
+        assert manager.shared_reads == 2 and stats["read"] == 2
     else:
         assert sent == received == 0 and stats["received"] == 0
 
@@ -349,6 +358,19 @@ async def test_every_file_is_released_and_no_fd_is_left(remote: Any) -> None:
     assert len(os.listdir("/proc/self/fd")) == mine
 
 
+async def test_with_reads_off_parts_travel_as_memory_files_both_ways(spawn: Any) -> None:
+    port = int(spawn("serve.py").read_ready()[0])
+    async with ucxrpc.Manager(shared_reads=False) as manager:
+        client = await manager.connect("127.0.0.1", port)
+        assert client.link.peer_memory is None and not client.link.peer_reads
+        data = os.urandom(2 * MIB)
+        assert await client.call("reverse", data) == data[::-1]
+        assert manager.shared_parts[:2] == (1, 1) and manager.shared_reads == 0
+        stats = await client.call("stats")
+        assert stats["received"] == 1 and stats["read"] == 0  # the server read no memory
+        await client.close()
+
+
 async def test_shared_memory_off_sends_everything_over_ucx(spawn: Any) -> None:
     port = int(spawn("serve.py").read_ready()[0])
     async with ucxrpc.Manager(shared_memory=False) as manager:
@@ -363,8 +385,10 @@ async def test_shared_memory_off_sends_everything_over_ucx(spawn: Any) -> None:
 # -- hostile peers ------------------------------------------------------------------------------
 
 
-async def _send_shared(raw: RawPeer, call_id: int, desc: bytes, size: int) -> Any:
-    enc = codec.encode(Kind.REQUEST, call_id, [[bytes(size)], {}], method="blob")
+async def _send_shared(
+    raw: RawPeer, call_id: int, desc: bytes, size: int, method: str = "blob"
+) -> Any:
+    enc = codec.encode(Kind.REQUEST, call_id, [[bytes(size)], {}], method=method)
     codec.add_flags(enc.frame, Flags.SHARED_PARTS)
     (ftag, frame), (ptag, _) = raw.out.send(call_id, enc)
     await raw.send_tagged(ftag, frame)
@@ -388,12 +412,12 @@ async def test_a_peer_naming_files_it_should_not_gets_errors_and_nothing_else(
         read_end, write_end = os.pipe()
         fds.extend([theirs, unsealed, read_end, write_end])
         cases = [
-            (wire.descriptor(theirs, n), "trailer"),
-            (wire.descriptor(unsealed, n), "not sealed"),
-            (wire.descriptor(read_end, n), "not a ucxrpc memory file"),
-            (wire.descriptor(9_999, n), "unavailable"),
-            (wire.descriptor(theirs, n - 1), "announced"),
-            (wire.descriptor(theirs, n)[:-1], "descriptor"),
+            (wire.descriptor(wire.FILE, theirs, n), "trailer"),
+            (wire.descriptor(wire.FILE, unsealed, n), "not sealed"),
+            (wire.descriptor(wire.FILE, read_end, n), "not a ucxrpc memory file"),
+            (wire.descriptor(wire.FILE, 9_999, n), "unavailable"),
+            (wire.descriptor(wire.FILE, theirs, n - 1), "announced"),
+            (wire.descriptor(wire.FILE, theirs, n)[:-1], "descriptor"),
         ]
         for call_id, (desc, reason) in enumerate(cases, 1):
             header, value = await _send_shared(raw, call_id, desc, n)
@@ -415,7 +439,7 @@ async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(served:
         seq = raw.out.next_seq
         fd = shared.export([bytes(n), wire.trailer(raw.key, seq, 1, n)])
         try:
-            header, value = await _send_shared(raw, 1, wire.descriptor(fd, n), n)
+            header, value = await _send_shared(raw, 1, wire.descriptor(wire.FILE, fd, n), n)
         finally:
             os.close(fd)
         assert header.kind is Kind.ERROR and "may not share" in value[1], value
@@ -423,15 +447,122 @@ async def test_a_peer_that_did_not_prove_it_may_share_cannot_send_shared(served:
         raw.close()
 
 
+async def test_a_peer_naming_memory_it_should_not_gets_errors_and_nothing_else(
+    served: Any,
+) -> None:
+    server, client = served
+
+    async def head(data: bytes) -> list[Any]:
+        return [len(data), data[:16]]
+
+    server.add_handler(head, name="head")
+    n = MIB
+    async with RawPeer.connected(server.port, config=ucxrpc.Config()) as raw:
+        mine = os.urandom(n)
+        where = shared.address_of(mine)
+        cases = [
+            (wire.descriptor(wire.MEMORY, 4096, n), "cannot read"),  # nothing mapped there
+            (wire.descriptor(wire.MEMORY, where, n - 1), "announced"),
+            (wire.descriptor(wire.MEMORY, (1 << 63) + 4096, n), "cannot read"),  # kernel's
+        ]
+        for call_id, (desc, reason) in enumerate(cases, 1):
+            header, value = await _send_shared(raw, call_id, desc, n)
+            assert header.kind is Kind.ERROR, value
+            assert value[0] == ucxrpc.StatusCode.INTERNAL and reason in value[1], value
+        # Its own memory, named right, is read: the bytes are what it holds.
+        desc = wire.descriptor(wire.MEMORY, where, n)
+        header, value = await _send_shared(raw, 50, desc, n, method="head")
+        assert header.kind is Kind.REPLY and value[0] == len(mine), value
+        assert value[1] == mine[:16]
+    data = os.urandom(n)
+    assert await client.call("blob", data) == data
+
+
+async def test_memory_is_read_only_from_a_peer_that_offered_it(served: Any) -> None:
+    server, _ = served
+    # Files offered, memory not: the server proved it may map files, not read memory.
+    async with RawPeer.connected(server.port, config=ucxrpc.Config(shared_reads=False)) as raw:
+        assert not raw.reads
+        mine = os.urandom(MIB)
+        desc = wire.descriptor(wire.MEMORY, shared.address_of(mine), MIB)
+        header, value = await _send_shared(raw, 1, desc, MIB)
+        assert header.kind is Kind.ERROR and "not read" in value[1], value
+
+
+def test_reading_a_peer_gives_its_bytes_and_checks_every_address() -> None:
+    data = os.urandom(3 * MIB + 5)
+    peer = shared.Peer(os.getpid())
+    try:
+        got = peer.read(shared.address_of(data), len(data))
+        assert got == data and not got.readonly  # a private, writable copy
+        with pytest.raises(ProtocolError, match="cannot read"):
+            peer.read(4096, MIB)
+        # Runs into a page that cannot be read: an error, never a short part.
+        libc = ctypes.CDLL(None)
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        pages = mmap.mmap(-1, 2 * mmap.PAGESIZE)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(pages))
+        assert libc.mprotect(start + mmap.PAGESIZE, mmap.PAGESIZE, 0) == 0  # PROT_NONE
+        with pytest.raises(ProtocolError, match="cannot read"):
+            peer.read(start + 100, mmap.PAGESIZE)
+    finally:
+        peer.close()
+
+
+def test_reading_a_peer_that_died_is_connection_lost() -> None:
+    code = (
+        "import os, sys\n"
+        "from ucxrpc.io import shared\n"
+        "data = os.urandom(1 << 20)\n"
+        "print(os.getpid(), shared.address_of(data), flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stdin is not None
+    pid, address = map(int, child.stdout.readline().split())
+    peer = shared.Peer(pid)
+    try:
+        assert len(peer.read(address, 1 << 20)) == 1 << 20 and peer.alive()
+        child.kill()
+        child.wait(timeout=10)
+        assert not peer.alive()
+        with pytest.raises(ConnectionLost):
+            peer.read(address, 1 << 20)
+    finally:
+        peer.close()
+        child.stdin.close()
+        child.stdout.close()
+
+
+def test_a_probe_offers_memory_only_when_asked() -> None:
+    with_memory, without = shared.Probe(b"n" * 16), shared.Probe(b"n" * 16, memory=False)
+    try:
+        assert shared.offers_memory(with_memory.field)
+        assert not shared.offers_memory(without.field)
+        pid = shared.read_probe(with_memory.field, b"n" * 16)
+        assert pid == os.getpid()
+        peer = shared.Peer.probed(pid, with_memory.field, b"n" * 16)
+        assert peer is not None
+        peer.close()
+        assert shared.Peer.probed(pid, with_memory.field, b"m" * 16) is None  # wrong bytes
+        assert shared.Peer.probed(pid, without.field, b"n" * 16) is None
+    finally:
+        with_memory.close()
+        without.close()
+        with_memory.close()  # closing twice is harmless
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a network namespace")
 def test_processes_in_two_network_namespaces_do_not_share() -> None:
     code = (
-        "import ctypes, os, sys\n"
-        "if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:\n"
-        "    sys.exit('unshare failed')\n"
-        "from ucxrpc.io import shared\n"
-        "fd, field = shared.make_probe(b'n' * 16)\n"
-        "print(field.hex(), flush=True)\n"
+        "import ctypes, os, sys\n\n"
+        "if ctypes.CDLL(None, use_errno=True).unshare(0x40000000) != 0:\n\n"
+        "    sys.exit('unshare failed')\n\n"
+        "from ucxrpc.io import shared\n\n"
+        "fd, field = shared.make_probe(b'n' * 16)\n\n"
+        "print(field.hex(), flush=True)\n\n"
         "sys.stdin.read()\n"
     )
     child = subprocess.Popen(
@@ -458,10 +589,10 @@ def test_processes_in_two_network_namespaces_do_not_share() -> None:
 def test_a_part_of_a_peer_that_died_is_connection_lost() -> None:
     n = codec.SHARED_MIN
     code = (
-        "import os, sys\n"
+        "import os, sys\n\n"
         "from ucxrpc.io import shared\n"
-        f"fd = shared.export([bytes({n}), bytes({wire.TRAILER_SIZE})])\n"
-        "print(os.getpid(), fd, flush=True)\n"
+        f"fd = shared.export([bytes({n}), bytes({wire.TRAILER_SIZE})])\n\n"
+        "print(os.getpid(), fd, flush=True)\n\n"
         "sys.stdin.read()\n"
     )
     child = subprocess.Popen(

@@ -60,6 +60,9 @@ class RawPeer:
             f"127.0.0.1:{port}",
             key=self.key,
         )
+        if hs.peer_memory is not None:
+            hs.peer_memory.close()  # this peer reads no memory: it only says it may
+        self.reads = hs.peer_memory is not None
         self.server_cid = hs.peer_conn_id
         self.server_secret, self.server_key = key_parts(hs.peer_key)
         self.out = Outbound(hs.peer_conn_id, self.server_secret, self.server_key)

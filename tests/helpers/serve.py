@@ -60,7 +60,8 @@ async def blobs(sizes: list[int]) -> AsyncIterator[bytes]:
 async def stats() -> dict[str, int]:
     sent, received, held = MANAGER[0].shared_parts
     fds = len(os.listdir("/proc/self/fd"))
-    return {"sent": sent, "received": received, "held": held, "fds": fds}
+    read = MANAGER[0].shared_reads
+    return {"sent": sent, "received": received, "held": held, "fds": fds, "read": read}
 
 
 MANAGER: list[ucxrpc.Manager] = []

@@ -238,6 +238,8 @@ class Client:
             hs.peer_max,
             peer_pid=hs.peer_pid,
             peer_maps=hs.peer_maps,
+            peer_memory=hs.peer_memory,
+            peer_reads=hs.peer_reads,
         )
 
     async def _watch(self, reader: asyncio.StreamReader) -> None:

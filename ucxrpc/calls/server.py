@@ -603,6 +603,7 @@ class _ServerConn:
             max_size,
             peer_pid=hello.get("pid"),
             probe=hello.get("probe"),
+            peer_memory=hello.get("memory"),
         )
         self.link = link
         return link.local_id

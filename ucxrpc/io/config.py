@@ -67,6 +67,12 @@ class Config(BaseSettings):
         "dies); used only when the handshake proves both sides can open each other's "
         "files (Linux, one pid namespace, the same user)",
     )
+    shared_reads: bool = Field(
+        True,
+        description="with shared_memory, let the receiver copy a large part straight out "
+        "of the sender's memory (process_vm_readv: one copy, no file) where the kernel "
+        "allows it (the same user, no ptrace restriction); memory files otherwise",
+    )
     shared_min: int = Field(
         256 * 1024,
         ge=256 * 1024,

@@ -29,11 +29,15 @@ The handshake, three messages (each a 4-byte length and a msgpack map, at most
   Without a token the keys travel in clear (anyone may connect anyway).
 * ``shm`` offers shared parts (:mod:`ucxrpc.io.shared`): it names a sealed memory file
   of the sender (pid and fd) holding the hello's nonce (the client's) or the
-  challenge (the server's). A side that can open the peer's file and finds that
-  content there has proven both run on one host, in one pid namespace, with the
-  right to open each other's files; the server answers with its own file only then.
-  Each side that proved it can map the peer's files says so on the data path (an
-  empty RELEASE frame), and a side sends parts shared only after hearing that.
+  challenge (the server's), and the address of the same bytes in the sender's memory
+  (0: none offered). A side that can open the peer's file and finds that content
+  there has proven both run on one host, in one pid namespace, with the right to open
+  each other's files; one that also reads the content at the address has proven it
+  may read the peer's memory. The server answers with its own probe only then, and
+  with an address only if it reads the client's memory. Each side that proved it can
+  map the peer's files says so on the data path (an empty RELEASE frame; ``[0]`` if
+  it reads the peer's memory too), and a side sends parts shared only after hearing
+  that.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ class Handshake:
         local_key: Our key, as announced: the secret the peer puts in its frames.
         peer_pid: The peer's pid when we proved we can map its shared parts.
         peer_maps: The peer proved it can map ours (its welcome offered a probe).
+        peer_memory: The peer, when we also proved we can read its memory.
+        peer_reads: The peer proved it reads ours (its probe offered an address).
     """
 
     peer_address: bytes
@@ -116,6 +122,8 @@ class Handshake:
     local_key: bytes
     peer_pid: int | None = None
     peer_maps: bool = False
+    peer_memory: shared.Peer | None = None
+    peer_reads: bool = False
 
 
 # -- framing -------------------------------------------------------------------------------
@@ -223,7 +231,7 @@ _HELLO_REQUIRED: Final = ("v", "addr", "cid", "max", "nonce", "key")
 _HELLO_OPTIONAL: Final = ("proof", "slot", "win", "role", "eh", "shm")
 _WELCOME_REQUIRED: Final = ("v", "addr", "cid", "max", "key")
 _WELCOME_OPTIONAL: Final = ("proof", "shm")
-_PROBE_SIZE: Final = 8
+_PROBE_SIZE: Final = 16
 
 
 def _check_common(message: dict[str, Any], what: str) -> None:
@@ -397,21 +405,28 @@ async def answer(
         peer_key = _xor(hello["key"], _client_pad(token, challenge, hello["nonce"]))
     else:
         peer_key = hello["key"]
-    peer_pid = probe = None
-    shm = b""
+    peer_pid = probe = memory = None
     if "shm" in hello and _sharing(config):
         peer_pid = _probed(writer, hello["shm"], hello["nonce"])
         if peer_pid is not None:
+            if config.shared_reads:
+                memory = shared.Peer.probed(peer_pid, hello["shm"], hello["nonce"])
             try:
-                probe, shm = shared.make_probe(challenge)
+                # Memory is offered only to a peer whose memory this side reads, as
+                # files are: the welcome's address says so.
+                probe = shared.Probe(challenge, memory=memory is not None)
             except OSError:
                 probe = None
+    opened = {**hello, "key": peer_key, "pid": peer_pid, "probe": probe, "memory": memory}
     try:
-        # The connection owns the probe from here (closed once the peer read it).
-        local_id = open_conn({**hello, "key": peer_key, "pid": peer_pid, "probe": probe})
+        # The connection owns the probe and the peer from here (the probe is let go
+        # once the peer read it).
+        local_id = open_conn(opened)
     except BaseException:
         if probe is not None:
-            os.close(probe)
+            probe.close()
+        if memory is not None:
+            memory.close()
         raise
     if type(local_id) is not int or not 0 < local_id <= codec.MAX_CONN_ID:
         raise ValueError(f"open_conn returned an invalid connection id {local_id!r}")
@@ -423,7 +438,7 @@ async def answer(
         "key": local_key if token is None else _xor(local_key, _server_pad(token, transcript)),
     }
     if probe is not None:
-        welcome["shm"] = shm
+        welcome["shm"] = probe.field
     if token is not None:
         transcript += _encode(b"welcome", welcome)
         welcome["proof"] = _mac(token, _SERVER_PROOF, transcript)
@@ -513,7 +528,8 @@ async def initiate_handshake(
     probe = None
     if _sharing(config):
         try:
-            probe, hello["shm"] = shared.make_probe(nonce)
+            probe = shared.Probe(nonce, memory=config.shared_reads)
+            hello["shm"] = probe.field
         except OSError:
             probe = None
     try:
@@ -522,7 +538,7 @@ async def initiate_handshake(
         )
     finally:
         if probe is not None:
-            os.close(probe)
+            probe.close()
 
 
 async def _finish_handshake(
@@ -555,9 +571,11 @@ async def _finish_handshake(
         peer_key = _xor(welcome["key"], _server_pad(token, transcript))
     else:
         peer_key = welcome["key"]
-    peer_pid = None
+    peer_pid = memory = None
     if "shm" in welcome and "shm" in hello:
         peer_pid = _probed(writer, welcome["shm"], challenge)
+        if peer_pid is not None and config.shared_reads:
+            memory = shared.Peer.probed(peer_pid, welcome["shm"], challenge)
     return Handshake(
         welcome["addr"],
         welcome["cid"],
@@ -565,7 +583,9 @@ async def _finish_handshake(
         peer_key,
         local_key,
         peer_pid,
-        peer_pid is not None and "shm" in welcome,
+        peer_pid is not None,
+        memory,
+        peer_pid is not None and shared.offers_memory(welcome["shm"]),
     )
 
 

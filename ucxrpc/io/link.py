@@ -19,10 +19,13 @@ after UCX completed the receive.
 
 Shared parts: when the handshake proved both peers can open each other's memory files
 (one host, see :mod:`ucxrpc.io.shared`), the parts of a frame with a part of at least
-``share_min`` bytes travel as sealed memory files: the sender writes each once, the
-receiver maps it (no copy) and answers with a RELEASE frame, and only a 16-byte
-descriptor crosses UCX. The part's bytes are copied once, at the send, so the caller
-may reuse its buffer as soon as ``send`` returns for those frames.
+``share_min`` bytes travel outside UCX, and only a 16-byte descriptor crosses it. If
+the peer reads this side's memory, the descriptor is the part's address: the peer
+copies the bytes out and answers with a RELEASE frame, and the buffer is kept until
+then (as for a UCX send: reuse it once the call returned). Otherwise the part travels
+as a sealed memory file: the sender writes each once, the receiver maps it (no copy)
+and answers with a RELEASE; the bytes are copied at the send, so the caller may reuse
+its buffer as soon as ``send`` returns for those frames.
 """
 
 from __future__ import annotations
@@ -33,14 +36,12 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as _np
-
 from ..errors import ConnectionLost, ProtocolError, RpcError
 from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
 from ..wire import codec
 from ..wire import shared as wire_shared
 from ..wire.codec import Flags, Header, Kind
-from . import shared
+from . import regions, shared
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -50,7 +51,6 @@ __all__ = ["Link", "Owner", "key_parts"]
 log = logging.getLogger("ucxrpc")
 
 Done = Callable[[BaseException | None], None]
-_LARGE = 256 * 1024
 
 
 class Owner(Protocol):
@@ -88,16 +88,20 @@ def _joined(count: int, done: Done) -> Done:
     return one
 
 
+#: The key a RELEASE carries to say "I read your memory" (no part has key 0).
+_READS = 0
+
+
 def _alloc(size: int) -> Any:
     """A part's receive buffer.
 
-    Large buffers come from numpy (``malloc``, not zero-filled: UCX writes every byte
-    before the buffer is handed out, and ``bytearray(n)`` would write each page once
-    more) and are handed out as a memoryview; small ones are bytearrays.
+    Large buffers are recycled regions (:mod:`ucxrpc.io.regions`: memory already
+    faulted in; not zero-filled, UCX writes every byte before the buffer is handed
+    out) and are handed out as a memoryview; small ones are bytearrays.
     """
-    if size < _LARGE:
+    if size < regions.MIN_SIZE:
         return bytearray(size)
-    return _np.empty(size, dtype=_np.uint8).data.cast("B")
+    return regions.region(size)
 
 
 class Link:
@@ -149,10 +153,16 @@ class Link:
         self.exports: shared.Exports | None = None
         self._releases: list[int] = []
         self._export_timer: asyncio.TimerHandle | None = None
-        self._probe: int | None = None
-        #: Parts sent shared and received shared.
+        self._probe: shared.Probe | None = None
+        #: The peer's process when this side reads large parts out of its memory.
+        self.peer_memory: shared.Peer | None = None
+        #: The peer reads large parts out of this side's memory (it said so).
+        self.peer_reads = False
+        #: Parts sent shared and received shared, and of those received, how many
+        #: were read out of the peer's memory.
         self.shared_sent = 0
         self.shared_received = 0
+        self.shared_read = 0
 
     def connect(
         self,
@@ -163,7 +173,9 @@ class Link:
         *,
         peer_pid: int | None = None,
         peer_maps: bool = False,
-        probe: int | None = None,
+        probe: shared.Probe | None = None,
+        peer_memory: shared.Peer | None = None,
+        peer_reads: bool = False,
     ) -> None:
         """Join the link to the peer's endpoint once the handshake is done.
 
@@ -177,9 +189,14 @@ class Link:
                 RELEASE), and accepts shared parts from that process only.
             peer_maps: The handshake proved the peer maps this side's files: send
                 large parts shared at once (else once the peer says so).
-            probe: The fd of this side's handshake probe, if the peer may still have
-                to read it: closed when the peer's first RELEASE comes (it has read
-                it) or the link closes.
+            probe: This side's handshake probe, if the peer may still have to read
+                it: let go when the peer's first RELEASE comes (it has read it) or
+                the link closes.
+            peer_memory: The peer's process, when the handshake proved this side may
+                read its memory: the link says so (RELEASE ``[0]``) and accepts
+                memory descriptors. Owned by the link from here.
+            peer_reads: The handshake proved the peer reads this side's memory: send
+                large parts as their address (else memory files).
         """
         secret, key = key_parts(peer_key)
         self.ep = ep
@@ -189,9 +206,15 @@ class Link:
         self.max_size = min(self.max_size, max_size)
         if peer_pid is not None and self.share_min:
             self.peer_pid = peer_pid
-            self.send(0, codec.encode(Kind.RELEASE, 0, []))
+            reads = peer_memory is not None and peer_memory.pid == peer_pid
+            self.send(0, codec.encode(Kind.RELEASE, 0, [_READS] if reads else []))
             if peer_maps:
                 self._start_sharing()
+                self.peer_reads = peer_reads
+            if reads:
+                self.peer_memory, peer_memory = peer_memory, None
+        if peer_memory is not None:
+            peer_memory.close()
         self._probe = probe  # owned from here, once nothing above can fail
 
     # -- arrivals (from the manager's router) ----------------------------------------------
@@ -263,19 +286,25 @@ class Link:
                 self._act()
                 return
             try:
-                fd, length = wire_shared.parse_descriptor(desc)
+                kind, ref, length = wire_shared.parse_descriptor(desc)
                 if self.peer_pid is None:
                     raise ProtocolError("shared part from a peer that may not share")
                 if length != where.length:
                     raise ProtocolError(
                         f"shared part of {length} bytes where {where.length} were announced"
                     )
-                key = self.key
+                if kind == wire_shared.MEMORY:
+                    if self.peer_memory is None:
+                        raise ProtocolError("shared part in the memory of a peer not read")
+                    mapped = self.peer_memory.read(ref, length)
+                    self.shared_read += 1
+                else:
+                    key = self.key
 
-                def check(got: bytes) -> bool:
-                    return wire_shared.check_trailer(key, where.seq, where.part, length, got)
+                    def check(got: bytes) -> bool:
+                        return wire_shared.check_trailer(key, where.seq, where.part, length, got)
 
-                mapped = shared.open_part(self.peer_pid, fd, length, check)
+                    mapped = shared.open_part(self.peer_pid, ref, length, check)
             except RpcError as err:
                 if isinstance(err, ConnectionLost):
                     self._broken(err)  # the peer died before we opened its file
@@ -297,10 +326,7 @@ class Link:
     def _close_probe(self) -> None:
         probe, self._probe = self._probe, None
         if probe is not None:
-            try:
-                os.close(probe)
-            except OSError:
-                pass
+            probe.close()
 
     def _queue_release(self, key: int) -> None:
         if not self._releases:
@@ -328,7 +354,10 @@ class Link:
         exports = self.exports if self.exports is not None else self._start_sharing()
         for key in keys:
             if type(key) is int:
-                exports.release(key)
+                if key == _READS:
+                    self.peer_reads = True
+                else:
+                    exports.release(key)
 
     def _expire_exports(self) -> None:
         self._export_timer = None
@@ -357,19 +386,29 @@ class Link:
         if not exports.room(sum(large), len(large)):
             return encoded, done
         parts: list[Any] = []
-        made: list[tuple[int, int, int]] = []
+        made: list[tuple[int, Any, int]] = []
+        reads = self.peer_reads
         try:
             for i, (part, n) in enumerate(zip(encoded.parts, sizes, strict=True), 1):
                 if n < codec.SHARED_MIN:
                     parts.append(part)
                     continue
-                mac = wire_shared.trailer(self.peer_key, seq, i, n)
-                fd = shared.export([codec.contiguous(part), mac])
-                made.append(((seq << 8) | i, fd, n))
-                parts.append(wire_shared.descriptor(fd, n))
+                if reads:
+                    # The peer copies it out of this buffer: keep it (and its address)
+                    # until the peer says it did.
+                    view = memoryview(codec.contiguous(part))
+                    made.append(((seq << 8) | i, view, n))
+                    desc = wire_shared.descriptor(wire_shared.MEMORY, shared.address_of(view), n)
+                else:
+                    mac = wire_shared.trailer(self.peer_key, seq, i, n)
+                    fd = shared.export([codec.contiguous(part), mac])
+                    made.append(((seq << 8) | i, fd, n))
+                    desc = wire_shared.descriptor(wire_shared.FILE, fd, n)
+                parts.append(desc)
         except BaseException as exc:
             for _, fd, _ in made:
-                os.close(fd)
+                if type(fd) is int:
+                    os.close(fd)
             if not isinstance(exc, OSError):
                 raise
             log.debug("ucxrpc: cannot share parts (%s); sending them over UCX", exc)
@@ -483,6 +522,8 @@ class Link:
         if self.exports is not None:
             self.exports.close()
         self._close_probe()
+        if self.peer_memory is not None:
+            self.peer_memory.close()
         self.inbound.close()
         for action in self.inbound.take():
             if type(action) is Discard:

@@ -328,13 +328,19 @@ class Runtime:
     @property
     def shared_parts(self) -> tuple[int, int, int]:
         """Shared parts over the live connections: ``(sent, received, held)``, where
-        ``held`` counts the memory files sent and not yet released by the peer."""
+        ``held`` counts the shared parts sent and not yet released by the peer."""
         links = self._conns.values()
         return (
             sum(link.shared_sent for link in links),
             sum(link.shared_received for link in links),
             sum(len(link.exports) for link in links if link.exports is not None),
         )
+
+    @property
+    def shared_reads(self) -> int:
+        """Shared parts received over the live connections by reading the sender's
+        memory (the rest of :attr:`shared_parts`' received were memory files)."""
+        return sum(link.shared_read for link in self._conns.values())
 
 
 def _ucx_options(cfg: Config) -> dict[str, str]:

@@ -1,30 +1,42 @@
-"""Shared parts on one host: sealed memory files written once, mapped by the receiver.
+"""Shared parts on one host: read from the sender's memory, or sealed memory files.
 
 UCX 1.21 cannot combine shared memory with peer error handling, so the safe default
 (error handling on) sends large messages over TCP even between processes on one host.
-This module gives those transfers a same-host path that a dying peer cannot break:
+This module gives those transfers a same-host path that a dying peer cannot break,
+in two forms:
 
-* the sender writes a part into a Linux memory file (``memfd_create``), appends the
-  trailer that binds it to the connection (:mod:`ucxrpc.wire.shared`), **seals** it
-  against any further write, shrink or growth, and sends a descriptor naming its fd;
-* the receiver opens the file through ``/proc/<peer pid>/fd/<fd>`` (the pid proven in
-  the handshake), checks its name, size, seals and trailer, and maps it privately:
-  the part is handed out with no copy, writable (copy on write).
+* **memory reads** (where the kernel lets the receiver read the sender's memory, as it
+  lets a debugger: same user, no ptrace restriction): the sender keeps the part's
+  buffer and sends its address; the receiver copies it out with ``process_vm_readv``
+  (one copy, done by ucxrpc itself, so a sender that is gone is an ``ESRCH`` this
+  module turns into ``ConnectionLost``, never UCX's abort on a failed CMA read); a
+  pidfd taken in the handshake proves the bytes came from that very process, not one
+  that got its pid after it died;
+* **memory files** otherwise: the sender writes a part into a Linux memory file
+  (``memfd_create``), appends the trailer that binds it to the connection
+  (:mod:`ucxrpc.wire.shared`), **seals** it against any further write, shrink or
+  growth, and sends a descriptor naming its fd; the receiver opens the file through
+  ``/proc/<peer pid>/fd/<fd>`` (the pid proven in the handshake), checks its name,
+  size, seals and trailer, and maps it privately: the part is handed out with no
+  copy, writable (copy on write).
 
 Nothing can abort either process. The kernel keeps a file alive while anyone maps it,
 so a sender that dies after the receiver opened it takes nothing away; a sender that
 dies before just makes the open fail (that call fails, and the connection is lost
 anyway); sealed files cannot shrink under a mapping (no SIGBUS). The sender keeps its
 fd until the receiver says it has mapped the part (a ``RELEASE`` frame), the
-connection closes, or ``hold`` seconds pass, whichever comes first.
+connection closes, or ``hold`` seconds pass, whichever comes first. The same holds
+for a buffer whose address was sent.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
+import select
 import socket
 import stat
 import struct
@@ -33,14 +45,21 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
 
+import numpy as _np
+
 from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
+from . import regions
 
 __all__ = [
     "Exports",
+    "Peer",
+    "Probe",
+    "address_of",
     "available",
     "export",
     "make_probe",
+    "offers_memory",
     "open_part",
     "owns_connection",
     "read_probe",
@@ -54,7 +73,7 @@ _NEEDED: Final = (
     | getattr(fcntl, "F_SEAL_GROW", 0)
 )
 _SEALS: Final = _NEEDED | getattr(fcntl, "F_SEAL_SEAL", 0)
-_PROBE: Final = struct.Struct("!II")
+_PROBE: Final = struct.Struct("!IIQ")
 _CHUNK: Final = 1 << 30
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -68,6 +87,23 @@ _libc.mmap.argtypes = [
 ]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+
+class _IOVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+_vm_readv = getattr(_libc, "process_vm_readv", None)
+if _vm_readv is not None:
+    _vm_readv.restype = ctypes.c_ssize_t
+    _vm_readv.argtypes = [
+        ctypes.c_int,
+        ctypes.POINTER(_IOVec),
+        ctypes.c_ulong,
+        ctypes.POINTER(_IOVec),
+        ctypes.c_ulong,
+        ctypes.c_ulong,
+    ]
 
 
 def available() -> bool:
@@ -210,14 +246,51 @@ def open_part(pid: int, fd: int, length: int, check: Callable[[bytes], bool]) ->
     return view[:length]
 
 
+def address_of(buf: Any) -> int:
+    """The address of a contiguous buffer's first byte in this process."""
+    return int(_np.frombuffer(buf, dtype=_np.uint8).ctypes.data)
+
+
+class Probe:
+    """This side's handshake probe: ``content`` in a sealed file and in memory, for
+    the peer to read (the file proves a shared host and the right to open this
+    side's files; the memory, the right to read this side's memory).
+
+    Args:
+        content: What the peer expects to find (the nonce or the challenge).
+        memory: Whether to offer memory reads too (the field's address is 0 if not).
+
+    Raises:
+        OSError: The file could not be made.
+    """
+
+    def __init__(self, content: bytes, memory: bool = True) -> None:
+        self.content = content  # kept alive while the peer may read it at its address
+        self.fd: int | None = export([content])
+        address = address_of(content) if memory and _vm_readv is not None else 0
+        #: The handshake field naming the probe: this pid, the fd and the address.
+        self.field = _PROBE.pack(os.getpid(), self.fd, address)
+
+    def close(self) -> None:
+        """Let the probe go (the peer read it, or never will)."""
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
 def make_probe(content: bytes) -> tuple[int, bytes]:
-    """A sealed file holding ``content`` for the peer to read in the handshake.
+    """A sealed file holding ``content`` for the peer to read in the handshake (no
+    memory offered).
 
     Returns:
         Its fd and the handshake field naming it (this pid and the fd).
     """
-    fd = export([content])
-    return fd, _PROBE.pack(os.getpid(), fd)
+    probe = Probe(content, memory=False)
+    assert probe.fd is not None
+    return probe.fd, probe.field
 
 
 def _same_network(pid: int) -> bool:
@@ -302,7 +375,7 @@ def read_probe(field: bytes, content: bytes) -> int | None:
     and the permission to open each other's files), else None."""
     if len(field) != _PROBE.size:
         return None
-    pid, fd = _PROBE.unpack(field)
+    pid, fd, _ = _PROBE.unpack(field)
     if pid <= 0 or not _same_network(pid):
         return None
     try:
@@ -317,11 +390,96 @@ def read_probe(field: bytes, content: bytes) -> int | None:
         os.close(own)
 
 
+def offers_memory(field: bytes) -> bool:
+    """Whether a probe ``field`` offers an address to read (in a welcome: the server
+    reads the client's memory)."""
+    return len(field) == _PROBE.size and _PROBE.unpack(field)[2] != 0
+
+
+class Peer:
+    """The process at the other end, proven in the handshake, whose memory this side
+    reads: its pid and a pidfd that tells whether that very process still runs.
+
+    Args:
+        pid: The peer's pid (from :func:`read_probe`).
+
+    Raises:
+        OSError: The process is gone.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._pidfd: int | None = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+
+    @classmethod
+    def probed(cls, pid: int, field: bytes, content: bytes) -> Peer | None:
+        """The peer, if its probe ``field`` (already proven by :func:`read_probe` to be
+        process ``pid``'s) offers an address where this side reads ``content``."""
+        if len(field) != _PROBE.size or _vm_readv is None:
+            return None
+        _, _, address = _PROBE.unpack(field)
+        if not address:
+            return None
+        try:
+            peer = cls(pid)
+        except OSError:
+            return None
+        try:
+            if bytes(peer.read(address, len(content))) == content:
+                return peer
+        except (ProtocolError, ConnectionLost):
+            pass
+        peer.close()
+        return None
+
+    def read(self, address: int, length: int) -> memoryview:
+        """``length`` bytes at ``address`` of the peer's memory, copied into a new buffer.
+
+        Raises:
+            ConnectionLost: The peer process is gone.
+            ProtocolError: Those bytes are not the peer's to read (no such address).
+        """
+        assert _vm_readv is not None
+        buf = regions.region(length)
+        base = address_of(buf)
+        done = 0
+        while done < length:
+            n = min(length - done, _CHUNK)
+            local = _IOVec(base + done, n)
+            remote = _IOVec(address + done, n)
+            got = _vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            if got <= 0:
+                err = ctypes.get_errno() if got < 0 else 0
+                if err == errno.ESRCH or not self.alive():
+                    raise ConnectionLost(f"the peer process {self.pid} is gone")
+                why = os.strerror(err) if err else "nothing there"
+                raise ProtocolError(f"shared part refused: cannot read it: {why}")
+            done += got
+        if not self.alive():
+            # The pid may name another process by now: what was read is not the peer's.
+            raise ConnectionLost(f"the peer process {self.pid} is gone")
+        return buf
+
+    def alive(self) -> bool:
+        """Whether the very process proven in the handshake still runs."""
+        if self._pidfd is None:
+            return _alive(self.pid)
+        return not select.select([self._pidfd], [], [], 0)[0]
+
+    def close(self) -> None:
+        """Let go of the pidfd."""
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+
 class Exports:
-    """The memory files one connection has sent and the peer may not have mapped yet.
+    """The shared parts one connection has sent and the peer may not have taken yet:
+    memory files (an fd each) and buffers whose address was sent.
 
     Every file held is an fd of this process, so their number is bounded too: per
-    connection (``max_files``) and over the process (:attr:`process_limit`).
+    connection (``max_files``) and over the process (:attr:`process_limit`); buffers
+    count against the same bounds.
 
     Args:
         limit: Bytes held at most; a part that does not fit travels over UCX.
@@ -357,11 +515,12 @@ class Exports:
         )
 
     def add(
-        self, key: int, fd: int, size: int, done: Callable[[BaseException | None], None] | None
+        self, key: int, fd: Any, size: int, done: Callable[[BaseException | None], None] | None
     ) -> None:
-        """Hold ``fd`` (``size`` bytes) until :meth:`release` of ``key``.
+        """Hold ``fd`` (``size`` bytes) until :meth:`release` of ``key``: a file
+        descriptor (an ``int``, closed then) or a buffer (referenced until then).
 
-        ``done`` is told when the file is let go: None once released (or after
+        ``done`` is told when the part is let go: None once released (or after
         ``hold``: the peer had its chance), ``ConnectionLost`` when the connection
         closes first.
         """
@@ -396,16 +555,17 @@ class Exports:
     def _close(self, held: _Held, error: BaseException | None) -> None:
         self.bytes -= held.size
         Exports.process_held -= 1
-        try:
-            os.close(held.fd)
-        except OSError:
-            pass
+        if type(held.fd) is int:
+            try:
+                os.close(held.fd)
+            except OSError:
+                pass
         if held.done is not None:
             held.done(error)
 
 
 class _Held(NamedTuple):
-    fd: int
+    fd: Any  # an fd (int) or a buffer
     size: int
     since: float
     done: Callable[[BaseException | None], None] | None

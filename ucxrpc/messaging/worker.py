@@ -28,6 +28,7 @@ from ..errors import (
     RpcError,
     Unavailable,
 )
+from ..io import shared
 from ..io.control import (
     KEY_SIZE,
     answer,
@@ -304,6 +305,7 @@ class Worker:
                 hello["max"],
                 hello.get("pid"),
                 hello.get("probe"),
+                peer_memory=hello.get("memory"),
             )
             return link.local_id
 
@@ -353,6 +355,8 @@ class Worker:
                     hs.peer_max,
                     hs.peer_pid,
                     peer_maps=hs.peer_maps,
+                    peer_memory=hs.peer_memory,
+                    peer_reads=hs.peer_reads,
                 )
         except BaseException as exc:
             if peer is not None:
@@ -377,9 +381,11 @@ class Worker:
         peer_key: bytes,
         peer_max: int,
         peer_pid: int | None,
-        probe: int | None = None,
+        probe: shared.Probe | None = None,
         *,
         peer_maps: bool = False,
+        peer_memory: shared.Peer | None = None,
+        peer_reads: bool = False,
     ) -> None:
         link = peer.link
         assert link is not None
@@ -391,6 +397,8 @@ class Worker:
             peer_pid=peer_pid,
             peer_maps=peer_maps,
             probe=probe,
+            peer_memory=peer_memory,
+            peer_reads=peer_reads,
         )
         peer.id = next(self._ids)
         self._peers[peer.id] = peer

@@ -1,23 +1,31 @@
 """Shared parts: what travels in place of a large part's bytes between peers on one host.
 
 A frame flagged ``Flags.SHARED_PARTS`` sends each part of at least
-:data:`~ucxrpc.wire.codec.SHARED_MIN` bytes as a sealed memory file of the sender
-(Linux ``memfd``) that the receiver maps. The part's UCX message is then a fixed-size
-descriptor naming the sender's file descriptor; the file holds the part's bytes
-followed by a trailer that binds it to one connection, frame and part::
+:data:`~ucxrpc.wire.codec.SHARED_MIN` bytes outside UCX, and the part's UCX message is
+a fixed-size descriptor saying where the receiver finds its bytes:
 
-    descriptor (16 bytes, big endian)     file (length + 32 bytes)
-    offset  size  field                   offset  size    field
-    0       4     fd (in the sender)      0       length  the part's bytes
-    4       8     length                  length  32      HMAC-SHA256(key, binding)
-    12      4     0 (reserved)
+* **in the sender's memory** (:data:`MEMORY`): the receiver reads ``length`` bytes at
+  ``address`` of the sender's process (``process_vm_readv``: one copy, in place of
+  the part's bytes on the wire), when the handshake proved it may;
+* **in a sealed memory file** of the sender (:data:`FILE`, Linux ``memfd``) that the
+  receiver maps: the file holds the part's bytes followed by a trailer that binds it
+  to one connection, frame and part.
+
+::
+
+    descriptor (16 bytes, big endian)          file (length + 32 bytes)
+    offset  size  field                        offset  size    field
+    0       1     kind (FILE or MEMORY)        0       length  the part's bytes
+    1       7     length                       length  32      HMAC-SHA256(key, binding)
+    8       8     fd or address (in the sender)
 
 ``binding`` is ``b"ucxrpc shared part\\0"`` followed by seq, part index and length,
 and ``key`` is the receiving connection's 16-byte key, which only the two ends of the
 connection know. A peer that names a file it did not make for this connection -- one
 another client is sending, say -- cannot produce its trailer, so the receiver refuses
 it; which process the descriptor refers to is fixed by the handshake, never by the
-descriptor.
+descriptor. A memory descriptor needs no trailer: it can only name the sender's own
+memory, whose bytes the sender could as well have sent.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from ..errors import ProtocolError
 
 __all__ = [
     "DESCRIPTOR_SIZE",
+    "FILE",
+    "MEMORY",
     "TRAILER_SIZE",
     "check_trailer",
     "descriptor",
@@ -38,7 +48,8 @@ __all__ = [
     "trailer",
 ]
 
-_DESCRIPTOR = struct.Struct("!IQI")
+_DESCRIPTOR = struct.Struct("!QQ")
+_LENGTH_BITS: Final = 56
 _BINDING = struct.Struct("!IIQ")
 _LABEL: Final = b"ucxrpc shared part\x00"
 
@@ -48,23 +59,32 @@ DESCRIPTOR_SIZE: Final = _DESCRIPTOR.size
 TRAILER_SIZE: Final = hashlib.sha256().digest_size
 
 
-def descriptor(fd: int, length: int) -> bytes:
-    """The descriptor of a shared part: the sender's ``fd`` holding ``length`` bytes."""
-    return _DESCRIPTOR.pack(fd, length, 0)
+#: Descriptor kind: the part is a sealed memory file; ``ref`` is its fd in the sender.
+FILE: Final = 1
+#: Descriptor kind: the part is in the sender's memory; ``ref`` is its address there.
+MEMORY: Final = 2
 
 
-def parse_descriptor(buf: Any) -> tuple[int, int]:
-    """``(fd, length)`` from a received descriptor.
+def descriptor(kind: int, ref: int, length: int) -> bytes:
+    """The descriptor of a shared part of ``length`` bytes: a file (``ref`` is the
+    sender's fd) or memory (``ref`` is its address in the sender)."""
+    return _DESCRIPTOR.pack((kind << _LENGTH_BITS) | length, ref)
+
+
+def parse_descriptor(buf: Any) -> tuple[int, int, int]:
+    """``(kind, ref, length)`` from a received descriptor.
 
     Raises:
-        ProtocolError: Not a descriptor (wrong size or a reserved field set).
+        ProtocolError: Not a descriptor (wrong size, unknown kind, no such fd or address).
     """
     if len(buf) != DESCRIPTOR_SIZE:
         raise ProtocolError(f"a shared-part descriptor is {DESCRIPTOR_SIZE} bytes, not {len(buf)}")
-    fd, length, reserved = _DESCRIPTOR.unpack(buf)
-    if reserved:
+    word, ref = _DESCRIPTOR.unpack(buf)
+    kind, length = word >> _LENGTH_BITS, word & ((1 << _LENGTH_BITS) - 1)
+    valid = ref <= 0x7FFFFFFF if kind == FILE else kind == MEMORY and ref != 0
+    if not valid:
         raise ProtocolError("malformed shared-part descriptor")
-    return fd, length
+    return kind, ref, length
 
 
 def trailer(key: bytes, seq: int, part: int, length: int) -> bytes:
