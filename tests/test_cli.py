@@ -26,7 +26,10 @@ ENV = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
 
 
 def ucxrpc(
-    *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+    *args: str,
+    stdin: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
 ) -> subprocess.CompletedProcess[str]:
     """Run the command to completion (bounded)."""
     return subprocess.run(
@@ -34,7 +37,7 @@ def ucxrpc(
         input=stdin,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         cwd=ROOT,
         env={**ENV, **(env or {})},
     )
@@ -234,6 +237,24 @@ def test_bench_with_a_size_picks_a_bytes_method(address: str, tmp_path: Path) ->
 
 def test_bench_rejects_a_stream(address: str) -> None:
     assert "streaming" in one_error_line(ucxrpc("bench", address, "--method", "count"))
+
+
+def test_bench_needs_an_address_unless_it_compares(address: str) -> None:
+    assert "HOST:PORT" in one_error_line(ucxrpc("bench"))
+    assert "no HOST:PORT" in one_error_line(ucxrpc("bench", address, "--compare"))
+
+
+@pytest.mark.timeout(300)
+def test_bench_compare_measures_ucxrpc_beside_its_peers_in_one_run(tmp_path: Path) -> None:
+    numbers = tmp_path / "compare.json"
+    out = ucxrpc("bench", "--compare", "--quick", "--json", str(numbers), timeout=280)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(numbers.read_text())
+    rows = data["results"]
+    for system in ("ucxrpc", "ucxrpc-tcp", "msgpack-rpc", "raw-ucxx"):
+        assert rows[system]["p50_us"] > 0, (system, data.get("skipped"))
+    assert "| system | p50 µs |" in out.stdout
+    assert numbers.with_suffix(".png").exists() or "matplotlib" in out.stdout
 
 
 def test_info_json() -> None:

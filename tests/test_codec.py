@@ -116,7 +116,7 @@ def test_encoded_frame_layout() -> None:
     enc = codec.encode(Kind.REQUEST, 77, [1, 2], method="add", priority=3, timeout=1.5)
     assert codec.PREFIX_SIZE == 28
     version, kind, flags, seq, secret, call_id, hlen, plen = PREFIX.unpack_from(enc.frame)
-    assert (version, kind, flags, seq, secret, call_id) == (2, Kind.REQUEST, 0, 0, 0, 77)
+    assert (version, kind, flags, seq, secret, call_id) == (3, Kind.REQUEST, 0, 0, 0, 77)
     assert len(enc.frame) == 28 + hlen + plen
     assert msgpack.unpackb(enc.frame[28 : 28 + hlen]) == ["add", 3, 1.5, [], None]
     assert msgpack.unpackb(enc.frame[28 + hlen :]) == [1, 2]
@@ -344,7 +344,8 @@ def test_malformed_batches_are_protocol_errors() -> None:
         pytest.param(frame()[:27], "truncated frame: 27 bytes, the prefix needs 28", id="27"),
         pytest.param(frame(version=1), r"unsupported protocol version 1 \(this side", id="v1"),
         pytest.param(frame(version=0), "unsupported protocol version 0", id="v0"),
-        pytest.param(frame(version=3), "unsupported protocol version 3", id="v3"),
+        pytest.param(frame(version=2), "unsupported protocol version 2", id="v2"),
+        pytest.param(frame(version=4), "unsupported protocol version 4", id="v4"),
         pytest.param(frame(kind=0), "unknown frame kind 0", id="kind0"),
         pytest.param(frame(kind=13), "unknown frame kind 13", id="kind13"),
         pytest.param(frame(kind=99), "unknown frame kind 99", id="kind99"),
@@ -399,25 +400,27 @@ def test_malformed_batches_are_protocol_errors() -> None:
             id="oob-and-inline",
         ),
         pytest.param(
-            PREFIX.pack(2, 1, 0, 0, 0, 1, codec.MAX_HEADER_SIZE + 1, 0),
+            PREFIX.pack(codec.VERSION, 1, 0, 0, 0, 1, codec.MAX_HEADER_SIZE + 1, 0),
             "oversized header: 32769 bytes",
             id="oversized-header",
         ),
         pytest.param(
-            PREFIX.pack(2, 1, 0, 0, 0, 1, 3, 0) + b"\xc1\xc1\xc1",
+            PREFIX.pack(codec.VERSION, 1, 0, 0, 0, 1, 3, 0) + b"\xc1\xc1\xc1",
             "malformed frame header",
             id="header-not-msgpack",
         ),
         pytest.param(
-            PREFIX.pack(2, 1, 0, 0, 0, 1, 1, 0) + b"\x95",
+            PREFIX.pack(codec.VERSION, 1, 0, 0, 0, 1, 1, 0) + b"\x95",
             "malformed frame header",
             id="header-cut",
         ),
         pytest.param(
-            PREFIX.pack(2, 1, 0, 0, 0, 1, 0, 0), "malformed frame header", id="header-empty"
+            PREFIX.pack(codec.VERSION, 1, 0, 0, 0, 1, 0, 0),
+            "malformed frame header",
+            id="header-empty",
         ),
         pytest.param(
-            PREFIX.pack(2, 1, 0, 0, 0, 1, 2, 0) + b"\x90\x90",
+            PREFIX.pack(codec.VERSION, 1, 0, 0, 0, 1, 2, 0) + b"\x90\x90",
             "malformed frame header",
             id="header-extra-data",
         ),

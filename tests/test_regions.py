@@ -22,27 +22,45 @@ def test_a_region_is_a_flat_writable_buffer_of_the_size_asked() -> None:
         assert bytes(view[:3]) == b"abc" and view[-1] == ord("z")
 
 
+@pytest.fixture
+def empty_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool of its own for the test (whatever other tests left idle)."""
+    monkeypatch.setattr(regions.Regions, "_free", {})
+    monkeypatch.setattr(regions.Regions, "idle", 0)
+    monkeypatch.setattr(regions.Regions, "limit", 64 * MIB)
+
+
+@pytest.mark.usefixtures("empty_pool")
 def test_a_region_is_reused_only_once_nothing_refers_to_it() -> None:
     first = regions.region(5 * MIB)
     where = address_of(first)
     array = np.frombuffer(first, dtype=np.uint8)  # the application keeps a view of it
     del first
     gc.collect()
+    assert regions.Regions.idle == 0  # nothing came back: the array refers to it
     second = regions.region(5 * MIB)
-    assert address_of(second) != where  # still referred to by the array: not reused
+    assert address_of(second) != where
     del array
     gc.collect()
+    assert regions.Regions.idle == 8 * MIB  # back in the pool (size class 8 MiB)
     reused = regions.Regions.reused
-    third = regions.region(6 * MIB)  # the same size class (8 MiB)
+    third = regions.region(6 * MIB)  # the same size class
     assert address_of(third) == where and regions.Regions.reused == reused + 1
+    assert regions.Regions.idle == 0
     del second, third
 
 
-def test_idle_regions_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    gc.collect()
-    monkeypatch.setattr(regions.Regions, "limit", regions.Regions.idle + 4 * MIB)
-    views = [regions.region(4 * MIB) for _ in range(4)]
+@pytest.mark.usefixtures("empty_pool")
+def test_idle_regions_are_bounded_and_the_rest_unmapped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(regions.Regions, "limit", 4 * MIB)
+    views = [regions.region(4 * MIB) for _ in range(3)]
+    addresses = [address_of(v) for v in views]
     del views
     gc.collect()
-    # One more 4 MiB region fitted the limit; the others were unmapped.
-    assert regions.Regions.idle <= regions.Regions.limit
+    assert regions.Regions.idle == 4 * MIB  # one kept, two unmapped
+    kept = regions.Regions._free[4 * MIB]
+    assert len(kept) == 1 and kept[0] in addresses
+    with open("/proc/self/maps") as f:
+        starts = {int(line.split("-", 1)[0], 16) for line in f}
+    unmapped = [a for a in addresses if a != kept[0]]
+    assert not any(a in starts for a in unmapped)  # given back to the kernel

@@ -7,6 +7,8 @@ import importlib.util
 import json
 import os
 import random
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,7 @@ __all__ = [
     "check_outputs",
     "pick_method",
     "print_result",
+    "run_compare",
     "write_json",
     "write_plot",
 ]
@@ -305,3 +308,34 @@ def write_plot(result: BenchResult, path: Path) -> None:
         fig.savefig(path, format="png")
     finally:
         plt.close(fig)
+
+
+def compare_script() -> Path | None:
+    """The comparison benchmark of the source tree ucxrpc runs from (``benchmarks/
+    compare.py`` beside the package, or in the current directory), if there is one."""
+    package = Path(__file__).resolve().parent
+    for root in (package.parent, Path.cwd()):
+        script = root / "benchmarks" / "compare.py"
+        if script.is_file():
+            return script
+    return None
+
+
+def run_compare(*, quick: bool = False, out: Path | None = None) -> int:
+    """Run the comparison benchmark (its table, JSON and plot) and return its exit status.
+
+    Raises:
+        CliError: There is no source tree with the benchmark (an installed wheel).
+    """
+    script = compare_script()
+    if script is None:
+        raise CliError(
+            "the comparison benchmark comes with the source tree (benchmarks/compare.py): "
+            "run this from a clone of ucxrpc"
+        )
+    argv = [sys.executable, str(script)]
+    if quick:
+        argv.append("--quick")
+    if out is not None:
+        argv += ["--out", str(out)]
+    return subprocess.call(argv)

@@ -140,7 +140,10 @@ def list_(
 
 @app.command()
 def bench(
-    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    address: Annotated[
+        str | None,
+        typer.Argument(metavar="HOST:PORT", help="the server (not with --compare)"),
+    ] = None,
     method: Annotated[
         str | None,
         typer.Option(help="method to call (default: ping-like, or bytes echo with --size)"),
@@ -157,10 +160,29 @@ def bench(
     plot: Annotated[
         Path | None, typer.Option(help="write a latency histogram (PNG) to this file")
     ] = None,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            "--compare",
+            help="instead, run the comparison benchmark (ucxrpc, raw ucxx, msgpack-RPC, "
+            "gRPC side by side, two processes each) of the source tree",
+        ),
+    ] = False,
+    quick: Annotated[bool, typer.Option(help="with --compare: a smoke run of seconds")] = False,
 ) -> None:
     """Measure calls/s and latency percentiles of a method on a running server."""
     from ._cli_bench import bench as run_bench
-    from ._cli_bench import check_outputs, print_result, write_json, write_plot
+    from ._cli_bench import check_outputs, print_result, run_compare, write_json, write_plot
+
+    if compare:
+        if address is not None:
+            fail("--compare starts its own servers: give no HOST:PORT")
+        try:
+            raise typer.Exit(run_compare(quick=quick, out=json_file))
+        except CliError as exc:
+            fail(str(exc))
+    if address is None:
+        fail("give the server's HOST:PORT (or --compare to compare ucxrpc with its peers)")
 
     try:
         check_outputs(json_file, plot)  # before the run, not after it

@@ -229,7 +229,12 @@ class Client:
             f"{host}:{port}",
             key=link.key,
         )
-        ep = manager.endpoint_to(hs.peer_address)
+        try:
+            ep = manager.endpoint_to(hs.peer_address)
+        except BaseException:
+            if hs.peer_memory is not None:
+                hs.peer_memory.close()
+            raise
         self._ep_open = True
         link.connect(
             ep,

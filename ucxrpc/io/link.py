@@ -88,8 +88,10 @@ def _joined(count: int, done: Done) -> Done:
     return one
 
 
-#: The key a RELEASE carries to say "I read your memory" (no part has key 0).
+#: The keys a RELEASE carries to say "I read your memory" (no part has key 0) and
+#: "I cannot read your memory after all: send files".
 _READS = 0
+_NO_READS = -1
 
 
 def _alloc(size: int) -> Any:
@@ -158,6 +160,8 @@ class Link:
         self.peer_memory: shared.Peer | None = None
         #: The peer reads large parts out of this side's memory (it said so).
         self.peer_reads = False
+        #: Whether this side lends its memory to a peer that says it reads it.
+        self.offer_memory = True
         #: Parts sent shared and received shared, and of those received, how many
         #: were read out of the peer's memory.
         self.shared_sent = 0
@@ -204,18 +208,20 @@ class Link:
         self.peer_key = peer_key
         self.outbound = Outbound(remote_id, secret, key)
         self.max_size = min(self.max_size, max_size)
-        if peer_pid is not None and self.share_min:
+        # Owned from here (closed with the link, also if what follows fails).
+        self._probe = probe
+        sharing = peer_pid is not None and self.share_min > 0
+        if sharing and peer_memory is not None and peer_memory.pid == peer_pid:
+            self.peer_memory = peer_memory
+        elif peer_memory is not None:
+            peer_memory.close()
+        if sharing:
             self.peer_pid = peer_pid
-            reads = peer_memory is not None and peer_memory.pid == peer_pid
+            reads = self.peer_memory is not None
             self.send(0, codec.encode(Kind.RELEASE, 0, [_READS] if reads else []))
             if peer_maps:
                 self._start_sharing()
-                self.peer_reads = peer_reads
-            if reads:
-                self.peer_memory, peer_memory = peer_memory, None
-        if peer_memory is not None:
-            peer_memory.close()
-        self._probe = probe  # owned from here, once nothing above can fail
+                self.peer_reads = peer_reads and self.offer_memory
 
     # -- arrivals (from the manager's router) ----------------------------------------------
 
@@ -278,6 +284,8 @@ class Link:
         assert where is not None
 
         def done(exc: BaseException | None) -> None:
+            if self.closed:
+                return  # the connection is gone, and the peer's parts with it
             self._queue_release((where.seq << 8) | where.part)
             if exc is not None:
                 if isinstance(exc, ConnectionLost):
@@ -286,7 +294,7 @@ class Link:
                 self._act()
                 return
             try:
-                kind, ref, length = wire_shared.parse_descriptor(desc)
+                kind, ref, length, ticket, value = wire_shared.parse_descriptor(desc)
                 if self.peer_pid is None:
                     raise ProtocolError("shared part from a peer that may not share")
                 if length != where.length:
@@ -296,7 +304,7 @@ class Link:
                 if kind == wire_shared.MEMORY:
                     if self.peer_memory is None:
                         raise ProtocolError("shared part in the memory of a peer not read")
-                    mapped = self.peer_memory.read(ref, length)
+                    mapped = self.peer_memory.read(ref, length, ticket, value)
                     self.shared_read += 1
                 else:
                     key = self.key
@@ -305,9 +313,18 @@ class Link:
                         return wire_shared.check_trailer(key, where.seq, where.part, length, got)
 
                     mapped = shared.open_part(self.peer_pid, ref, length, check)
-            except RpcError as err:
+            except Exception as exc:
+                err = (
+                    exc
+                    if isinstance(exc, RpcError)
+                    else ProtocolError(
+                        f"shared part {where.part} of frame {where.seq} not received: {exc!r}"
+                    )
+                )
                 if isinstance(err, ConnectionLost):
                     self._broken(err)  # the peer died before we opened its file
+                elif self.peer_memory is not None and self.peer_memory.forbidden:
+                    self._stop_reading()
                 self.inbound.on_part_done(token, False, error=err)
             else:
                 self.bytes_received += length
@@ -316,6 +333,17 @@ class Link:
             self._act()
 
         return done
+
+    def _stop_reading(self) -> None:
+        """The kernel refuses to let this side read the peer's memory after all (its
+        credentials changed, say): ask for memory files from now on."""
+        memory, self.peer_memory = self.peer_memory, None
+        if memory is not None:
+            memory.close()
+        try:
+            self.send(0, codec.encode(Kind.RELEASE, 0, [_NO_READS]))
+        except RpcError:
+            pass
 
     def _start_sharing(self) -> shared.Exports:
         """The peer maps our files: from now on large parts go shared."""
@@ -355,7 +383,9 @@ class Link:
         for key in keys:
             if type(key) is int:
                 if key == _READS:
-                    self.peer_reads = True
+                    self.peer_reads = self.offer_memory
+                elif key == _NO_READS:
+                    self.peer_reads = False
                 else:
                     exports.release(key)
 
@@ -394,11 +424,13 @@ class Link:
                     parts.append(part)
                     continue
                 if reads:
-                    # The peer copies it out of this buffer: keep it (and its address)
+                    # The peer copies it out of this buffer: lend it (with its ticket)
                     # until the peer says it did.
-                    view = memoryview(codec.contiguous(part))
-                    made.append(((seq << 8) | i, view, n))
-                    desc = wire_shared.descriptor(wire_shared.MEMORY, shared.address_of(view), n)
+                    lent = shared.Lent(codec.contiguous(part))
+                    made.append(((seq << 8) | i, lent, n))
+                    desc = wire_shared.descriptor(
+                        wire_shared.MEMORY, lent.address, n, lent.ticket, lent.value
+                    )
                 else:
                     mac = wire_shared.trailer(self.peer_key, seq, i, n)
                     fd = shared.export([codec.contiguous(part), mac])

@@ -56,7 +56,7 @@ class Regions:
     reused = 0
     mapped = 0
     _free: dict[int, list[int]] = {}  # noqa: RUF012 (process-wide on purpose)
-    _lock = threading.Lock()  # finalizers may run in any thread
+    _lock = threading.RLock()  # finalizers may run in any thread, even inside
 
 
 def _size_class(size: int) -> int:
@@ -81,7 +81,9 @@ def region(size: int) -> memoryview:
         addr = _map(cls)
         Regions.mapped += 1
     buf = (ctypes.c_char * size).from_address(addr)
-    weakref.finalize(buf, _recycle, addr, cls)
+    # Not at interpreter exit: views may still be alive then (and UCX may still use
+    # them); the process's end unmaps everything anyway.
+    weakref.finalize(buf, _recycle, addr, cls).atexit = False
     return memoryview(buf).cast("B")
 
 

@@ -241,6 +241,7 @@ class Runtime:
         link = Link(self.engine, conn_id, key, owner, budget)
         if cfg.shared_memory and shared.available():
             link.share_min = max(cfg.shared_min, codec.SHARED_MIN)
+            link.offer_memory = cfg.shared_reads
         self._conns[conn_id] = link
         return link
 

@@ -53,6 +53,7 @@ from . import regions
 
 __all__ = [
     "Exports",
+    "Lent",
     "Peer",
     "Probe",
     "address_of",
@@ -213,7 +214,7 @@ def _map(fd: int, size: int) -> memoryview:
         raise ProtocolError(f"shared part refused: cannot map it: {os.strerror(err)}")
     region = (ctypes.c_char * size).from_address(addr)
     _Mappings.live += 1
-    weakref.finalize(region, _unmap, addr, size)
+    weakref.finalize(region, _unmap, addr, size).atexit = False  # see regions.region
     return memoryview(region).cast("B")
 
 
@@ -409,7 +410,20 @@ class Peer:
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self._pidfd: int | None = os.pidfd_open(pid) if hasattr(os, "pidfd_open") else None
+        #: The kernel refused a read (EPERM): this side cannot read the peer after all.
+        self.forbidden = False
+        self._closed = False
+        self._ticket = ctypes.c_uint64(0)
+        self._poll = select.poll()
+        self._pidfd: int | None = None
+        if hasattr(os, "pidfd_open"):
+            try:
+                self._pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                if exc.errno != errno.ENOSYS:
+                    raise  # the process is gone
+            else:
+                self._poll.register(self._pidfd, select.POLLIN)
 
     @classmethod
     def probed(cls, pid: int, field: bytes, content: bytes) -> Peer | None:
@@ -425,52 +439,101 @@ class Peer:
         except OSError:
             return None
         try:
-            if bytes(peer.read(address, len(content))) == content:
+            got = bytearray(len(content))
+            mine = (ctypes.c_char * len(content)).from_buffer(got)
+            peer._copy(address, ctypes.addressof(mine), len(content))
+            del mine
+            if bytes(got) == content and peer.alive():
                 return peer
         except (ProtocolError, ConnectionLost):
             pass
+        except BaseException:
+            peer.close()
+            raise
         peer.close()
         return None
 
-    def read(self, address: int, length: int) -> memoryview:
-        """``length`` bytes at ``address`` of the peer's memory, copied into a new buffer.
+    def read(self, address: int, length: int, ticket: int, value: int) -> memoryview:
+        """``length`` bytes at ``address`` of the peer's memory, copied into a new
+        buffer, if the 8 bytes at ``ticket`` still hold ``value`` once they are read
+        (the peer still lent them: see :class:`Lent`).
 
         Raises:
-            ConnectionLost: The peer process is gone.
-            ProtocolError: Those bytes are not the peer's to read (no such address).
+            ConnectionLost: The peer process is gone (or this side let it go).
+            ProtocolError: Those bytes are not the peer's to read (no such address,
+                or the kernel forbids it: :attr:`forbidden` is set then), or the
+                peer no longer lends them.
         """
-        assert _vm_readv is not None
+        if self._closed:
+            raise ConnectionLost("connection closed")
         buf = regions.region(length)
-        base = address_of(buf)
+        self._copy(address, address_of(buf), length)
+        self._copy(ticket, ctypes.addressof(self._ticket), 8)
+        if not self.alive():
+            # The pid may name another process by now: what was read is not the peer's.
+            raise ConnectionLost(f"the peer process {self.pid} is gone")
+        if self._ticket.value != value:
+            raise ProtocolError("shared part withdrawn by the sender before it was read")
+        return buf
+
+    def _copy(self, remote: int, local: int, length: int) -> None:
+        assert _vm_readv is not None
         done = 0
         while done < length:
             n = min(length - done, _CHUNK)
-            local = _IOVec(base + done, n)
-            remote = _IOVec(address + done, n)
-            got = _vm_readv(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+            mine, theirs = _IOVec(local + done, n), _IOVec(remote + done, n)
+            got = _vm_readv(self.pid, ctypes.byref(mine), 1, ctypes.byref(theirs), 1, 0)
             if got <= 0:
                 err = ctypes.get_errno() if got < 0 else 0
                 if err == errno.ESRCH or not self.alive():
                     raise ConnectionLost(f"the peer process {self.pid} is gone")
+                if err == errno.EPERM:
+                    self.forbidden = True
                 why = os.strerror(err) if err else "nothing there"
                 raise ProtocolError(f"shared part refused: cannot read it: {why}")
             done += got
-        if not self.alive():
-            # The pid may name another process by now: what was read is not the peer's.
-            raise ConnectionLost(f"the peer process {self.pid} is gone")
-        return buf
 
     def alive(self) -> bool:
-        """Whether the very process proven in the handshake still runs."""
+        """Whether the very process proven in the handshake still runs (False once
+        this side let it go: a pid alone proves nothing)."""
+        if self._closed:
+            return False
         if self._pidfd is None:
             return _alive(self.pid)
-        return not select.select([self._pidfd], [], [], 0)[0]
+        # poll, not select: a pidfd numbered 1,024 or more is fine.
+        return not self._poll.poll(0)
 
     def close(self) -> None:
         """Let go of the pidfd."""
+        self._closed = True
         fd, self._pidfd = self._pidfd, None
         if fd is not None:
+            self._poll.unregister(fd)
             os.close(fd)
+
+
+class Lent:
+    """A buffer whose address was sent to the peer, and its ticket: 8 bytes of this
+    process holding a random value while the buffer is lent, cleared before it is let
+    go, which the peer reads after the bytes to know they were still the part's.
+
+    Args:
+        buf: A contiguous buffer (kept referenced while lent).
+    """
+
+    __slots__ = ("_cell", "address", "ticket", "value", "view")
+
+    def __init__(self, buf: Any) -> None:
+        self.view: memoryview | None = memoryview(buf)
+        self.address = address_of(self.view)
+        self.value = int.from_bytes(os.urandom(8), "big") | 1
+        self._cell = ctypes.c_uint64(self.value)
+        self.ticket = ctypes.addressof(self._cell)
+
+    def withdraw(self) -> None:
+        """Clear the ticket, then let the buffer go (a read after this fails)."""
+        self._cell.value = 0
+        self.view = None
 
 
 class Exports:
@@ -560,6 +623,8 @@ class Exports:
                 os.close(held.fd)
             except OSError:
                 pass
+        elif type(held.fd) is Lent:
+            held.fd.withdraw()
         if held.done is not None:
             held.done(error)
 

@@ -389,8 +389,14 @@ class Worker:
     ) -> None:
         link = peer.link
         assert link is not None
+        try:
+            ep = self.manager.endpoint_to(addr)
+        except BaseException:
+            if peer_memory is not None:
+                peer_memory.close()
+            raise
         link.connect(
-            self.manager.endpoint_to(addr),
+            ep,
             remote_id,
             peer_key,
             peer_max,

@@ -6,7 +6,7 @@ can be tested and fuzzed on bytes alone.
 Frame layout (one UCX tag message; all integers big endian)::
 
     offset  size  field
-    0       1     version       VERSION (2); anything else is a ProtocolError
+    0       1     version       VERSION (3); anything else is a ProtocolError
     1       1     kind          Kind
     2       2     flags         Flags
     4       4     seq           the frame's number in its connection and direction
@@ -105,7 +105,7 @@ __all__ = [
     "to_bytes",
 ]
 
-VERSION: Final = 2
+VERSION: Final = 3
 _PREFIX = struct.Struct("!BBHIQIII")
 PREFIX_SIZE: Final = _PREFIX.size
 _STAMP = struct.Struct("!IQ")  # seq, secret at offset 4
