@@ -7,7 +7,13 @@ client measures the same phases of an echo service:
 * **latency**: p50/p99 of sequential 64 B round trips (after a warm-up);
 * **calls/s** with 1, 64 and 1,024 calls in flight (64 B, a fixed time each);
 * **bandwidth** of 4 KiB, 1 MiB and 16 MiB echoes (MiB/s counted one way);
-* **idle CPU** of the connected client and server over one second.
+* **idle CPU** of the connected client and server over one second;
+* **streaming** (systems with streams: ucxrpc, gRPC): items/s of a server stream and
+  of a client stream of 64 B items;
+* **connections** (ucxrpc, msgpack-RPC): ``--conns`` (1,000) connections opened to
+  the one server from the client process: connect time p50 (and connections/s),
+  server memory per connection (RSS growth over the open), and the 64 B p50 on the
+  first connection while the others stay open.
 
 Systems:
 
@@ -21,7 +27,8 @@ Systems:
 * ``raw-ucxx``: ucxx's asyncio API on worker-address endpoints (shared memory),
   receiving through ``tag_probe``: the raw peer of ``benchmarks/echo.py``, which
   measures latency, calls/s with 64 in flight and 16 MiB only; ``raw-ucxx-tcp`` the
-  same with ``UCX_TLS=tcp``.
+  same with ``UCX_TLS=tcp``. Each also gives a ``(sizes known)`` row: the same peer
+  receiving into buffers of the known size, without a probe.
 
 ``--huge`` adds a 256 MiB echo to the bandwidth phase.
 
@@ -45,7 +52,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +136,71 @@ async def measure(call: Call, args: argparse.Namespace, server_pid: int) -> dict
     return res
 
 
+async def measure_streams(
+    server_stream: Callable[[int], Awaitable[int]],
+    client_stream: Callable[[int], Awaitable[int]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Items/s of a server stream and of a client stream of ``args.items`` 64 B items."""
+    res: dict[str, Any] = {}
+    for key, run in (("server_stream", server_stream), ("client_stream", client_stream)):
+        await run(100)  # warm
+        t0 = time.perf_counter()
+        got = await run(args.items)
+        assert got == args.items, f"{key}: {got} of {args.items} items"
+        res[f"{key}_items_per_s"] = round(args.items / (time.perf_counter() - t0))
+    return res
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+async def measure_conns(
+    connect: Callable[[], Awaitable[Any]],
+    close: Callable[[Any], Awaitable[None]],
+    call: Call,
+    args: argparse.Namespace,
+    server_pid: int,
+) -> dict[str, Any]:
+    """``args.conns`` connections to the server, held open: connect time, server
+    memory per connection, and a call's p50 on the measuring connection meanwhile."""
+    echo = _echo_module()
+    before = _rss_kib(server_pid)
+    conns: list[Any] = []
+    took = []
+    t0 = time.perf_counter()
+    try:
+        for _ in range(args.conns):
+            t = time.perf_counter()
+            conns.append(await connect())
+            took.append(time.perf_counter() - t)
+        opened = time.perf_counter() - t0
+        after = _rss_kib(server_pid)
+        small = os.urandom(SMALL)
+        ns = []
+        for _ in range(min(args.iters, 2000)):
+            t1 = time.perf_counter_ns()
+            await call(small)
+            ns.append(time.perf_counter_ns() - t1)
+    finally:
+        for conn in conns:
+            await close(conn)
+    took.sort()
+    ns.sort()
+    return {
+        "conns": len(conns),
+        "connect_ms_p50": round(1000 * took[len(took) // 2], 2),
+        "conns_per_s": round(len(conns) / opened),
+        "kib_per_conn": round((after - before) / max(1, len(conns)), 1),
+        "p50_us_conns_open": round(echo.percentile(ns, 50), 1),
+    }
+
+
 # -- ucxrpc ---------------------------------------------------------------------------------
 
 
@@ -140,6 +212,19 @@ def ucxrpc_server() -> None:
     @server.rpc
     async def echo(data: memoryview) -> memoryview:
         return data
+
+    @server.rpc
+    async def items(n: int) -> AsyncIterator[bytes]:
+        item = bytes(SMALL)
+        for _ in range(n):
+            yield item
+
+    @server.rpc
+    async def drain(source: AsyncIterator[bytes]) -> int:
+        n = 0
+        async for _ in source:
+            n += 1
+        return n
 
     async def main() -> None:
         async with ucxrpc.Manager() as manager:
@@ -161,6 +246,28 @@ def ucxrpc_client(args: argparse.Namespace) -> dict[str, Any]:
                 return await client.call("echo", memoryview(data))
 
             res = await measure(call, args, args.server_pid)
+
+            async def server_stream(n: int) -> int:
+                return sum([1 async for _ in client.stream("items", n)])
+
+            async def client_stream(n: int) -> int:
+                async def source() -> AsyncIterator[bytes]:
+                    item = bytes(SMALL)
+                    for _ in range(n):
+                        yield item
+
+                count: int = await client.call("drain", source())
+                return count
+
+            res.update(await measure_streams(server_stream, client_stream, args))
+
+            async def connect() -> Any:
+                return await manager.connect(HOST, args.port)
+
+            async def close(conn: Any) -> None:
+                await conn.close()
+
+            res.update(await measure_conns(connect, close, call, args, args.server_pid))
             await client.close()
             return res
 
@@ -228,6 +335,15 @@ def msgpack_client(args: argparse.Namespace) -> dict[str, Any]:
             return await fut
 
         res = await measure(call, args, args.server_pid)
+
+        async def connect() -> Any:
+            conn, _ = await loop.create_connection(lambda: _MsgpackRpc(False), HOST, args.port)
+            return conn
+
+        async def close(conn: Any) -> None:
+            conn.close()
+
+        res.update(await measure_conns(connect, close, call, args, args.server_pid))
         transport.close()
         return res
 
@@ -248,10 +364,26 @@ def grpc_server() -> None:
     async def echo(request: bytes, context: Any) -> bytes:
         return request
 
+    async def items(request: bytes, context: Any) -> AsyncIterator[bytes]:
+        item = bytes(SMALL)
+        for _ in range(int(request)):
+            yield item
+
+    async def drain(requests: AsyncIterator[bytes], context: Any) -> bytes:
+        n = 0
+        async for _ in requests:
+            n += 1
+        return str(n).encode()
+
     async def main() -> None:
         server = grpc.aio.server(options=_GRPC_OPTIONS)
         handler = grpc.method_handlers_generic_handler(
-            "bench", {"echo": grpc.unary_unary_rpc_method_handler(echo)}
+            "bench",
+            {
+                "echo": grpc.unary_unary_rpc_method_handler(echo),
+                "items": grpc.unary_stream_rpc_method_handler(items),
+                "drain": grpc.stream_unary_rpc_method_handler(drain),
+            },
         )
         server.add_generic_rpc_handlers((handler,))
         port = server.add_insecure_port(f"{HOST}:0")
@@ -268,7 +400,22 @@ def grpc_client(args: argparse.Namespace) -> dict[str, Any]:
     async def main() -> dict[str, Any]:
         async with grpc.aio.insecure_channel(f"{HOST}:{args.port}", options=_GRPC_OPTIONS) as ch:
             stub = ch.unary_unary("/bench/echo")
-            return await measure(stub, args, args.server_pid)
+            res = await measure(stub, args, args.server_pid)
+            items, drain = ch.unary_stream("/bench/items"), ch.stream_unary("/bench/drain")
+
+            async def server_stream(n: int) -> int:
+                return sum([1 async for _ in items(str(n).encode())])
+
+            async def client_stream(n: int) -> int:
+                async def source() -> AsyncIterator[bytes]:
+                    item = bytes(SMALL)
+                    for _ in range(n):
+                        yield item
+
+                return int(await drain(source()))
+
+            res.update(await measure_streams(server_stream, client_stream, args))
+            return res
 
     return asyncio.run(main())
 
@@ -328,12 +475,19 @@ def _phase_args(args: argparse.Namespace) -> list[str]:
         str(args.seconds),
         "--bw-bytes",
         str(args.bw_bytes),
+        "--items",
+        str(args.items),
+        "--conns",
+        str(args.conns),
         *(["--huge"] if args.huge else []),
     ]
 
 
-def raw_ucxx(args: argparse.Namespace, tls: str | None = None) -> dict[str, Any]:
-    """The raw ucxx peer of benchmarks/echo.py (probe-sized receives)."""
+def raw_ucxx(
+    args: argparse.Namespace, tls: str | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The raw ucxx peer of benchmarks/echo.py: probe-sized receives, and receives of
+    known size (one run of the pair measures both)."""
     echo = _echo_module()
     ns = argparse.Namespace(
         iters=args.iters,
@@ -343,15 +497,21 @@ def raw_ucxx(args: argparse.Namespace, tls: str | None = None) -> dict[str, Any]
         time_budget=args.time_budget,
         tls=tls,
     )
-    probe = echo.run_pair("raw", "blocking", ns)["probe"]
-    return {
-        "p50_us": probe["p50_us"],
-        "p99_us": probe["p99_us"],
-        "calls_per_s_64": probe["calls_per_s"],
-        f"mib_per_s_{SIZES[-1]}": probe["mib_per_s"],
-        "idle_cpu_client_pct": probe["idle_cpu_client_pct"],
-        "idle_cpu_server_pct": probe["idle_cpu_server_pct"],
-    }
+    pair = echo.run_pair("raw", "blocking", ns)
+    rows = []
+    for label in ("probe", "fixed"):
+        got = pair[label]
+        rows.append(
+            {
+                "p50_us": got["p50_us"],
+                "p99_us": got["p99_us"],
+                "calls_per_s_64": got["calls_per_s"],
+                f"mib_per_s_{SIZES[-1]}": got["mib_per_s"],
+                "idle_cpu_client_pct": got["idle_cpu_client_pct"],
+                "idle_cpu_server_pct": got["idle_cpu_server_pct"],
+            }
+        )
+    return rows[0], rows[1]
 
 
 COLUMNS = [
@@ -364,6 +524,14 @@ COLUMNS = [
     ],
     ("idle_cpu_server_pct", "idle CPU srv %", True),
 ]
+EXTRA_COLUMNS = [
+    ("server_stream_items_per_s", "server stream items/s", False),
+    ("client_stream_items_per_s", "client stream items/s", False),
+    ("connect_ms_p50", "connect ms p50", True),
+    ("conns_per_s", "connections/s", False),
+    ("kib_per_conn", "server KiB/conn", True),
+    ("p50_us_conns_open", "p50 µs, conns open", True),
+]
 
 
 def ratio(ours: float, theirs: float, lower_is_better: bool) -> str:
@@ -374,12 +542,19 @@ def ratio(ours: float, theirs: float, lower_is_better: bool) -> str:
 
 
 def print_table(rows: dict[str, dict[str, Any]]) -> None:
+    for columns in (COLUMNS, EXTRA_COLUMNS):
+        _print_table(rows, columns)
+    print("\nratios: ucxrpc against the peer (above 1: ucxrpc is better)")
+
+
+def _print_table(rows: dict[str, dict[str, Any]], columns: list[tuple[str, str, bool]]) -> None:
     ref = rows.get("ucxrpc", {})
-    print("\n| system | " + " | ".join(label for _, label, _ in COLUMNS) + " |")
-    print("|" + "---|" * (len(COLUMNS) + 1))
-    for name, row in rows.items():
+    shown_rows = {n: r for n, r in rows.items() if any(k in r for k, _, _ in columns)}
+    print("\n| system | " + " | ".join(label for _, label, _ in columns) + " |")
+    print("|" + "---|" * (len(columns) + 1))
+    for name, row in shown_rows.items():
         cells = []
-        for key, _, lower in COLUMNS:
+        for key, _, lower in columns:
             if key not in row:
                 cells.append("-")
                 continue
@@ -387,7 +562,6 @@ def print_table(rows: dict[str, dict[str, Any]]) -> None:
             shown = f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
             cells.append(shown + ("" if name == "ucxrpc" else ratio(ref.get(key, 0), value, lower)))
         print(f"| {name} | " + " | ".join(cells) + " |")
-    print("\nratios: ucxrpc against the peer (above 1: ucxrpc is better)")
 
 
 def plot(rows: dict[str, dict[str, Any]], path: Path) -> None:
@@ -431,10 +605,13 @@ def main() -> None:
     ap.add_argument("--time-budget", type=float, default=240.0, help="seconds per system")
     ap.add_argument("--quick", action="store_true", help="a smoke run (seconds, not minutes)")
     ap.add_argument("--huge", action="store_true", help="also a 256 MiB echo")
+    ap.add_argument("--items", type=int, default=20000, help="items per stream phase")
+    ap.add_argument("--conns", type=int, default=1000, help="connections held open")
     ap.add_argument("--out", default="bench-results/compare.json")
     args = ap.parse_args()
     if args.quick:
         args.iters, args.warmup, args.seconds, args.bw_bytes = 500, 50, 0.3, 32 << 20
+        args.items, args.conns = 2000, 50
     if args.role == "server":
         ROLES[args.system][0]()
         return
@@ -455,7 +632,9 @@ def main() -> None:
                 if name == "grpc" and importlib.util.find_spec("grpc") is None:
                     raise RuntimeError("grpcio is not installed (pip install grpcio)")
                 if name.startswith("raw-ucxx"):
-                    rows[name] = raw_ucxx(args, "tcp" if name.endswith("-tcp") else None)
+                    probed, known = raw_ucxx(args, "tcp" if name.endswith("-tcp") else None)
+                    rows[name] = probed
+                    rows[f"{name} (sizes known)"] = known
                 else:
                     rows[name] = run_system(name, args)
             except Exception as exc:  # one system failing must not lose the others
@@ -475,6 +654,8 @@ def main() -> None:
         "warmup": args.warmup,
         "seconds": args.seconds,
         "bw_bytes": args.bw_bytes,
+        "items": args.items,
+        "conns": args.conns,
         "python": sys.version.split()[0],
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
