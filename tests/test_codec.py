@@ -347,7 +347,7 @@ def test_malformed_batches_are_protocol_errors() -> None:
         pytest.param(frame(version=2), "unsupported protocol version 2", id="v2"),
         pytest.param(frame(version=4), "unsupported protocol version 4", id="v4"),
         pytest.param(frame(kind=0), "unknown frame kind 0", id="kind0"),
-        pytest.param(frame(kind=13), "unknown frame kind 13", id="kind13"),
+        pytest.param(frame(kind=14), "unknown frame kind 14", id="kind14"),
         pytest.param(frame(kind=99), "unknown frame kind 99", id="kind99"),
         pytest.param(frame(flags=0x80), "unknown frame flags 0x80", id="flags80"),
         pytest.param(

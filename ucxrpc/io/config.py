@@ -73,6 +73,13 @@ class Config(BaseSettings):
         "of the sender's memory (process_vm_readv: one copy, no file) where the kernel "
         "allows it (the same user, no ptrace restriction); memory files otherwise",
     )
+    shared_frames: bool = Field(
+        True,
+        description="with shared_reads, carry small frames (up to 16 KiB) between "
+        "processes on one host through a shared-memory ring per connection (and "
+        "direction) instead of UCX's TCP; used where both sides proved they may read "
+        "each other's memory (Linux on x86-64)",
+    )
     shared_min: int = Field(
         256 * 1024,
         ge=256 * 1024,

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +42,7 @@ from ..wire import codec
 from .ucx import Array
 from .ucx import lib as _ucx
 
-__all__ = ["Engine", "Op", "Router", "convert_ucx_error"]
+__all__ = ["Engine", "Op", "RingSource", "Router", "convert_ucx_error"]
 
 log = logging.getLogger("ucxrpc")
 
@@ -60,7 +61,8 @@ def convert_ucx_error(exc: BaseException) -> RpcError:
     name = type(exc).__name__
     if "Truncated" in name:
         return RpcError(13, f"UCX receive buffer too small: {exc}")
-    if any(s in name for s in ("Reset", "Unreachable", "NotConnected", "Canceled", "Failure")):
+    lost = ("Reset", "Unreachable", "NotConnected", "Canceled", "Failure", "EndpointTimeout")
+    if any(s in name for s in lost):
         return ConnectionLost(f"UCX: {name}: {exc}")
     return Unavailable(f"UCX: {name}: {exc}")
 
@@ -105,6 +107,25 @@ class Op:
 
 
 #: Reaps a request stays among the young (checked on every reap) before it is old.
+#: Seconds between looks at the frame rings while asleep, at first and at most (see
+#: ``_drive``).
+_NAP = 0.005
+_NAP_MAX = 1.0
+
+
+class RingSource(Protocol):
+    """A frame ring this side reads (:class:`ucxrpc.io.ring.Reader`)."""
+
+    def poll(self, limit: int = ...) -> int:
+        """Deliver what was published; returns how many frames."""
+
+    def doze(self) -> bool:
+        """Say this side sleeps; True if nothing waits."""
+
+    def rouse(self) -> None:
+        """Say this side polls again."""
+
+
 _YOUNG_REAPS = 4
 #: Old requests checked per reap, in turn: a request that waits long (a send to a peer
 #: that does not receive) costs a drive a bounded slice, not a scan of everything.
@@ -171,10 +192,56 @@ class Engine:
         self.sleeps = 0
         #: Request completions checked (what reaping cost, summed over drives).
         self.checked = 0
+        self._rings: list[RingSource] = []
+        self._wake_fd: int | None = None
+        self._nap: asyncio.TimerHandle | None = None
+        self._nap_for = _NAP
         loop.add_reader(self._fd, self.kick)
         self.kick()
 
     # -- scheduling -----------------------------------------------------------------------
+
+    def wake_fd(self) -> int:
+        """This engine's wake-up eventfd (made on first use): the writers of the rings
+        it reads write to it when it sleeps, and the loop watches it. One per engine,
+        so no two engines (or loops) of a process take each other's wake-ups."""
+        if self._wake_fd is None:
+            self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            self._loop.add_reader(self._wake_fd, self._rung)
+        return self._wake_fd
+
+    def add_ring(self, source: RingSource) -> None:
+        """Poll ``source`` (a frame ring this side reads) on every drive."""
+        if not self._closed:
+            self._rings.append(source)
+            self.kick()
+
+    def remove_ring(self, source: RingSource) -> None:
+        """Stop polling ``source``."""
+        try:
+            self._rings.remove(source)
+        except ValueError:
+            pass
+
+    def _rung(self) -> None:
+        assert self._wake_fd is not None
+        try:
+            os.eventfd_read(self._wake_fd)
+        except OSError:
+            pass  # already read: the wake-up below is what matters
+        for ring in self._rings:
+            ring.rouse()
+        self.kick()
+
+    def _napped(self) -> None:
+        self._nap = None
+        self.kick()
+
+    def _awake(self) -> None:
+        self._nap_for = _NAP
+        if self._nap is not None:
+            self._nap.cancel()
+            self._nap = None
 
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
@@ -195,15 +262,26 @@ class Engine:
         now = time.perf_counter()
         if active:
             self._last_event = now
+            if self._nap is not None or self._nap_for != _NAP:
+                self._awake()
         elif not self._poll_forever and now - self._last_event >= (
             self._reply_spin if self.awaiting > 0 else self._spin
         ):
+            rings = self._rings
             try:
-                if self._worker.arm():
+                if all([ring.doze() for ring in rings]) and self._worker.arm():
                     self.sleeps += 1
+                    if rings and self._nap is None:
+                        # Belt and braces (writers fence, then wake us): look at the
+                        # rings now and then while asleep, less often the longer the
+                        # sleep, so an idle engine stays idle.
+                        self._nap = self._loop.call_later(self._nap_for, self._napped)
+                        self._nap_for = min(_NAP_MAX, self._nap_for * 2)
                     return  # asleep: the fd wakes us
             except Exception as exc:
                 self._failed("arm", exc)
+            for ring in rings:
+                ring.rouse()
         self._scheduled = True
         self._loop.call_soon(self._drive)
 
@@ -219,7 +297,16 @@ class Engine:
         if (made and self._ops) or self._sweep:
             self._reap()
         budget = self._max_probes
-        found = self._probe_frames(budget)
+        found = 0
+        for ring in list(self._rings):  # a frame may close its link, and its ring
+            try:
+                found += ring.poll()
+            except Exception as exc:  # one connection's bug must not stop the others
+                self._failed("ring", exc)
+        if found:
+            for ring in self._rings:
+                ring.rouse()
+        found += self._probe_frames(budget)
         if found < budget:
             found += self._probe_parts(budget - found)
         # Work left over (the budget ran out, a sweep unfinished) keeps the drive active.
@@ -424,6 +511,14 @@ class Engine:
         (requests in flight with their buffers, messages left unreceived)."""
         self._closed = True
         self._loop.remove_reader(self._fd)
+        if self._wake_fd is not None:
+            self._loop.remove_reader(self._wake_fd)
+            os.close(self._wake_fd)
+            self._wake_fd = None
+        if self._nap is not None:
+            self._nap.cancel()
+            self._nap = None
+        self._rings = []
         ops = [*self._ops, *self._old]
         self._ops = []
         self._old.clear()

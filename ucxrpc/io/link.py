@@ -41,7 +41,7 @@ from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receiv
 from ..wire import codec
 from ..wire import shared as wire_shared
 from ..wire.codec import Flags, Header, Kind
-from . import regions, shared
+from . import regions, ring, shared
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -162,6 +162,12 @@ class Link:
         self.peer_reads = False
         #: Whether this side lends its memory to a peer that says it reads it.
         self.offer_memory = True
+        #: Whether small frames may travel through frame rings (:mod:`ucxrpc.io.ring`).
+        self.offer_rings = False
+        #: The ring this side reads the peer's frames from, and the one it writes to.
+        self.ring_in: ring.Reader | None = None
+        self.ring_out: ring.Writer | None = None
+        self._ucx_pending = 0  # UCX sends not completed (frames wait behind them)
         #: Parts sent shared and received shared, and of those received, how many
         #: were read out of the peer's memory.
         self.shared_sent = 0
@@ -222,12 +228,17 @@ class Link:
             if peer_maps:
                 self._start_sharing()
                 self.peer_reads = peer_reads and self.offer_memory
+            if reads and self.offer_rings:
+                self._open_ring()
 
     # -- arrivals (from the manager's router) ----------------------------------------------
 
     def on_frame(self, tag: int, buf: bytearray) -> None:
         """A frame for this connection arrived."""
-        self.bytes_received += len(buf)
+        n = len(buf)
+        if n > codec.PREFIX_SIZE and buf[1] == Kind.BATCH:
+            n -= codec.PREFIX_SIZE  # count frames, as the sender does, not their container
+        self.bytes_received += n
         self.inbound.on_frame(tag, buf)
         self._act()
 
@@ -247,6 +258,8 @@ class Link:
             if type(action) is Deliver:
                 if action.header.kind is Kind.RELEASE:
                     self._on_release(action.header, action.payload)
+                elif action.header.kind is Kind.RING:
+                    self._on_ring(action.header, action.payload)
                 else:
                     owner.deliver(action.header, action.payload, action.parts)
             elif type(action) is Receive:
@@ -333,6 +346,52 @@ class Link:
             self._act()
 
         return done
+
+    # -- frame rings ----------------------------------------------------------------------
+
+    def _open_ring(self) -> None:
+        """Make the ring the peer writes this side's frames to, and tell the peer (it
+        may read this side's memory, so it may take the ring's fds)."""
+        if not ring.available():
+            return
+        try:
+            reader = ring.Reader(self._ring_frame, self._broken)
+        except OSError as exc:
+            log.debug("ucxrpc: no frame ring (%s)", exc)
+            return
+        assert reader.fd is not None
+        self.ring_in = reader
+        self.engine.add_ring(reader)
+        fields = [reader.fd, self.engine.wake_fd(), reader.capacity, reader.nonce]
+        self.send(0, codec.encode(Kind.RING, 0, fields))
+
+    def _ring_frame(self, tag: int, buf: bytearray) -> None:
+        if (tag >> 40) & codec.MAX_CONN_ID != self.local_id or tag & codec.DATA_BIT:
+            # A ring carries this connection's frames only.
+            self._broken(ProtocolError("a frame for another connection in the frame ring"))
+            return
+        self.on_frame(tag, buf)
+
+    def _on_ring(self, header: Header, payload: memoryview) -> None:
+        try:
+            fields = codec.decode_payload(header, payload)
+        except ProtocolError:
+            fields = None
+        memory = self.peer_memory
+        if (
+            memory is None
+            or not self.offer_rings
+            or self.ring_out is not None
+            or type(fields) is not list
+            or len(fields) != 4
+            or not all(type(f) is int and 0 <= f < 1 << 64 for f in fields)
+        ):
+            self.unmatched += 1  # rings only between peers that may read each other
+            return
+        try:
+            self.ring_out = memory.attach_ring(*fields)
+        except (OSError, RpcError) as exc:
+            log.info("ucxrpc: connection %d: frame ring refused: %s", self.local_id, exc)
 
     def _stop_reading(self) -> None:
         """The kernel refuses to let this side read the peer's memory after all (its
@@ -514,29 +573,63 @@ class Link:
                 self._broken(exc)
 
     def _put(self, messages: list[tuple[int, Any]], done: Done | None) -> None:
-        engine, ep = self.engine, self.ep
-        cb = self._sent if done is None else self._counting(len(messages), done)
+        engine, ep, out = self.engine, self.ep, self.ring_out
+        cb: Done
+        ucx_cb: Done
+        if done is None:
+            cb, ucx_cb = self._sent, self._ucx_sent
+        else:
+            cb, ucx_cb = self._counting(len(messages), done)
+        # Frames take the ring only when nothing of theirs (parts) nor before them
+        # waits on UCX: frames overtaking their parts without bound would make the
+        # receiver hold them all (its limits would refuse them under load).
+        if out is not None and (
+            self._ucx_pending or any(tag & codec.DATA_BIT for tag, _ in messages)
+        ):
+            out = None
         for tag, buf in messages:
             self.pending_sends += 1
+            if out is not None:
+                try:
+                    written = out.put(tag, buf)
+                except ProtocolError:
+                    self.pending_sends -= 1
+                    raise  # the peer broke its ring: the connection is broken
+                if written:
+                    self.loop.call_soon(cb, None)  # it has left: in the peer's memory
+                    continue
+                out = None  # the ring is full: the rest follow this one over UCX
+            self._ucx_pending += 1
             try:
-                engine.send(ep, buf, tag, cb)
+                engine.send(ep, buf, tag, ucx_cb)
             except RpcError:
                 self.pending_sends -= 1
+                self._ucx_pending -= 1
                 raise
+
+    def _ucx_sent(self, exc: BaseException | None) -> None:
+        self._ucx_pending -= 1
+        self._sent(exc)
 
     def _sent(self, exc: BaseException | None) -> None:
         self.pending_sends -= 1
         if exc is not None:
             self._broken(exc if isinstance(exc, RpcError) else ConnectionLost(str(exc)))
 
-    def _counting(self, pieces: int, done: Done) -> Done:
+    def _counting(self, pieces: int, done: Done) -> tuple[Done, Done]:
+        """Callbacks for ``pieces`` sends that run ``done`` once all completed: for
+        those through the ring, and for those over UCX."""
         joined = _joined(pieces, done)
 
         def one(exc: BaseException | None) -> None:
             self._sent(exc)  # counts the send as done
             joined(exc)
 
-        return one
+        def ucx(exc: BaseException | None) -> None:
+            self._ucx_pending -= 1
+            one(exc)
+
+        return one, ucx
 
     # -- shutdown -------------------------------------------------------------------------
 
@@ -554,6 +647,11 @@ class Link:
         if self.exports is not None:
             self.exports.close()
         self._close_probe()
+        if self.ring_in is not None:
+            self.engine.remove_ring(self.ring_in)
+            self.ring_in.close()
+        if self.ring_out is not None:
+            self.ring_out.close()
         if self.peer_memory is not None:
             self.peer_memory.close()
         self.inbound.close()

@@ -242,6 +242,7 @@ class Runtime:
         if cfg.shared_memory and shared.available():
             link.share_min = max(cfg.shared_min, codec.SHARED_MIN)
             link.offer_memory = cfg.shared_reads
+            link.offer_rings = cfg.shared_reads and cfg.shared_frames
         self._conns[conn_id] = link
         return link
 

@@ -49,7 +49,7 @@ import numpy as _np
 
 from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
-from . import regions
+from . import regions, ring
 
 __all__ = [
     "Exports",
@@ -492,6 +492,19 @@ class Peer:
                 why = os.strerror(err) if err else "nothing there"
                 raise ProtocolError(f"shared part refused: cannot read it: {why}")
             done += got
+
+    def attach_ring(self, ring_fd: int, wake_fd: int, capacity: int, nonce: int) -> ring.Writer:
+        """The peer's frame ring (its fds ``ring_fd`` and ``wake_fd``), taken out of
+        the peer's process through the pidfd (so never another process's fds).
+
+        Raises:
+            ConnectionLost: This side let the peer go.
+            ProtocolError: The fds are not a ring and an eventfd.
+            OSError: They cannot be taken.
+        """
+        if self._closed or self._pidfd is None:
+            raise ConnectionLost("no pidfd of the peer")
+        return ring.Writer.attach(self._pidfd, ring_fd, wake_fd, capacity, nonce)
 
     def alive(self) -> bool:
         """Whether the very process proven in the handshake still runs (False once

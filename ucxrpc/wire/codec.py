@@ -162,6 +162,9 @@ class Kind(enum.IntEnum):
     #: The receiver of shared parts has mapped them: the sender may let them go
     #: (payload: a list of ``seq << 8 | part``).
     RELEASE = 12
+    #: The sender reads frames from a ring it made (payload: ``[ring fd, wake-up fd,
+    #: capacity]`` in the sender's process; see :mod:`ucxrpc.io.ring`).
+    RING = 13
 
 
 class Flags(enum.IntFlag):
