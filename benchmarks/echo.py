@@ -460,6 +460,10 @@ def main() -> None:
     for mode in args.modes.split(","):
         rows[f"ucxrpc {mode}"] = run_pair("ucxrpc", mode, args)
     if not args.tls:
+        # Small frames over UCX's TCP rather than the frame rings.
+        rows["ucxrpc blocking, frame rings off"] = run_pair(
+            "ucxrpc", "blocking", args, extra_env={"UCXRPC_SHARED_FRAMES": "false"}
+        )
         # Shared parts as memory files only (where the kernel forbids memory reads).
         rows["ucxrpc blocking, shared files only"] = run_pair(
             "ucxrpc", "blocking", args, extra_env={"UCXRPC_SHARED_READS": "false"}

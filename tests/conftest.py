@@ -155,3 +155,26 @@ def spawn() -> Iterator[Any]:
     yield start
     for proc in procs:
         proc.stop()
+
+
+@pytest.fixture
+async def remote(spawn: Any) -> AsyncIterator[tuple[ucxrpc.Manager, ucxrpc.Client]]:
+    """A client of ``helpers/serve.py`` running in a process of its own."""
+    port = int(spawn("serve.py").read_ready()[0])
+    async with ucxrpc.Manager() as manager:
+        client = await manager.connect("127.0.0.1", port)
+        yield manager, client
+        await client.close()
+
+
+def _ptrace_scope() -> int:
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            return int(f.read())
+    except OSError:
+        return 0  # no Yama: processes of one user may read each other's memory
+
+
+#: Yama's ptrace restriction here (0: none, so memory reads and frame rings work
+#: between processes of one user).
+PTRACE_SCOPE = _ptrace_scope()

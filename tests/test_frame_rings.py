@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from conftest import PTRACE_SCOPE
 from helpers.rawpeer import RawPeer
 
 import ucxrpc
@@ -22,24 +22,7 @@ pytestmark = [
 ]
 
 
-def _ptrace_scope() -> int:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return int(f.read())
-    except OSError:
-        return 0
-
-
-READS = _ptrace_scope() == 0
-
-
-@pytest.fixture
-async def remote(spawn: Any) -> AsyncIterator[tuple[ucxrpc.Manager, ucxrpc.Client]]:
-    port = int(spawn("serve.py").read_ready()[0])
-    async with ucxrpc.Manager() as manager:
-        client = await manager.connect("127.0.0.1", port)
-        yield manager, client
-        await client.close()
+READS = PTRACE_SCOPE == 0
 
 
 @pytest.mark.skipif(not READS, reason="ptrace is restricted here: no memory reads, no rings")

@@ -13,12 +13,12 @@ import mmap
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import until
+from conftest import PTRACE_SCOPE, until
 from helpers.rawpeer import RawPeer
 
 import ucxrpc
@@ -35,17 +35,6 @@ pytestmark = [
 ]
 
 MIB = 1 << 20
-
-
-def _ptrace_scope() -> int:
-    try:
-        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
-            return int(f.read())
-    except OSError:
-        return 0  # no Yama: same-user processes may read each other
-
-
-PTRACE_SCOPE = _ptrace_scope()
 KEY = bytes(range(16))
 SECRET, TAGKEY = 0x1122334455667788, 0xABCDE12345
 
@@ -309,15 +298,6 @@ SIZES = [
     MIB,
     16 * MIB + 3,
 ]
-
-
-@pytest.fixture
-async def remote(spawn: Any) -> AsyncIterator[tuple[ucxrpc.Manager, ucxrpc.Client]]:
-    port = int(spawn("serve.py").read_ready()[0])
-    async with ucxrpc.Manager() as manager:
-        client = await manager.connect("127.0.0.1", port)
-        yield manager, client
-        await client.close()
 
 
 @pytest.mark.parametrize("size", SIZES)

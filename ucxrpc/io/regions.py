@@ -15,34 +15,17 @@ recycled by its finalizer, never earlier).
 from __future__ import annotations
 
 import ctypes
-import mmap
-import sys
 import threading
 import weakref
 from typing import Final
+
+from . import cmem
 
 __all__ = ["MIN_SIZE", "Regions", "region"]
 
 #: Buffers at least this large come from regions (smaller ones are cheap anyway).
 MIN_SIZE: Final = 256 * 1024
 _HUGE_PAGE: Final = 2 << 20
-_MADV_HUGEPAGE: Final = 14
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_madvise = getattr(_libc, "madvise", None) if sys.platform.startswith("linux") else None
-if _madvise is not None:
-    _madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
 
 class Regions:
@@ -88,13 +71,13 @@ def region(size: int) -> memoryview:
 
 
 def _map(cls: int) -> int:
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    addr = _libc.mmap(None, cls, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
-    if addr is None or addr == _MAP_FAILED:
-        raise MemoryError(f"cannot map {cls} bytes")
-    if _madvise is not None and cls >= _HUGE_PAGE:
-        _madvise(addr, cls, _MADV_HUGEPAGE)  # a hint: one fault per 2 MiB, not per 4 KiB
-    return int(addr)
+    try:
+        addr = cmem.map_memory(cls)
+    except OSError:
+        raise MemoryError(f"cannot map {cls} bytes") from None
+    if cls >= _HUGE_PAGE:
+        cmem.advise_huge(addr, cls)
+    return addr
 
 
 def _recycle(addr: int, cls: int) -> None:
@@ -103,4 +86,4 @@ def _recycle(addr: int, cls: int) -> None:
             Regions._free.setdefault(cls, []).append(addr)
             Regions.idle += cls
             return
-    _libc.munmap(addr, cls)
+    cmem.unmap(addr, cls)

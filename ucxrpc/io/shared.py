@@ -34,7 +34,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import mmap
 import os
 import select
 import socket
@@ -49,7 +48,7 @@ import numpy as _np
 
 from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
-from . import regions, ring
+from . import cmem, regions, ring
 
 __all__ = [
     "Exports",
@@ -77,17 +76,6 @@ _SEALS: Final = _NEEDED | getattr(fcntl, "F_SEAL_SEAL", 0)
 _PROBE: Final = struct.Struct("!IIQ")
 _CHUNK: Final = 1 << 30
 _libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = [
-    ctypes.c_void_p,
-    ctypes.c_size_t,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_int,
-    ctypes.c_long,
-]
-_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-_MAP_FAILED: Final = ctypes.c_void_p(-1).value
 
 
 class _IOVec(ctypes.Structure):
@@ -208,10 +196,10 @@ def _map(fd: int, size: int) -> memoryview:
         raise ProtocolError(
             f"shared part refused: {_Mappings.live} shared parts are mapped in this process"
         )
-    addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
-    if addr is None or addr == _MAP_FAILED:
-        err = ctypes.get_errno()
-        raise ProtocolError(f"shared part refused: cannot map it: {os.strerror(err)}")
+    try:
+        addr = cmem.map_memory(size, fd)
+    except OSError as exc:
+        raise ProtocolError(f"shared part refused: cannot map it: {exc.strerror}") from None
     region = (ctypes.c_char * size).from_address(addr)
     _Mappings.live += 1
     weakref.finalize(region, _unmap, addr, size).atexit = False  # see regions.region
@@ -219,7 +207,7 @@ def _map(fd: int, size: int) -> memoryview:
 
 
 def _unmap(addr: int, size: int) -> None:
-    _libc.munmap(addr, size)
+    cmem.unmap(addr, size)
     _Mappings.live -= 1
 
 
