@@ -76,8 +76,8 @@ def _record(pid: int, seconds: float, svg: Path, raw: Path) -> subprocess.Popen[
     return subprocess.Popen([*argv, "--output", str(svg)], stderr=subprocess.DEVNULL)
 
 
-# Where the samples of one call fall: a sample counts under the first of these names
-# found in its stack (innermost first).
+# Where the samples of one call fall: a sample counts under the bucket of its innermost
+# frame that has one.
 BUCKETS = [
     ("ucxx send/receive calls", ("tag_send", "tag_recv", "tag_probe", "_Request")),
     ("engine (progress, probes, completions)", ("engine.py",)),
@@ -90,6 +90,15 @@ BUCKETS = [
 ]
 
 
+def _bucket(frames: list[str]) -> str:
+    """The bucket of the innermost frame (leaf first) that falls in one."""
+    for frame in frames:
+        for name, keys in BUCKETS:
+            if any(k in frame for k in keys):
+                return name
+    return "other"
+
+
 def shares(raw: Path) -> dict[str, float]:
     """The share of samples per bucket of a py-spy ``raw`` (collapsed stacks) file."""
     counts: collections.Counter[str] = collections.Counter()
@@ -100,12 +109,10 @@ def shares(raw: Path) -> dict[str, float]:
             continue
         frames = stack.split(";")[::-1]
         total += int(n)
-        for name, keys in BUCKETS:
-            if any(any(k in f for k in keys) for f in frames[:6]):
-                counts[name] += int(n)
-                break
-        else:
-            counts["other"] += int(n)
+        if frames[0].startswith(("Runner.run", "run_forever", "run_until_complete")):
+            counts["idle: waiting in the event loop"] += int(n)  # uvloop's C loop, no Python
+            continue
+        counts[_bucket(frames)] += int(n)
     return {k: round(100 * v / total, 1) for k, v in counts.most_common()} if total else {}
 
 
