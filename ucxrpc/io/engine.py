@@ -30,6 +30,7 @@ drive is logged (once per kind) and the drive is rescheduled: progress never sto
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import time
@@ -204,7 +205,13 @@ class Engine:
     def wake_fd(self) -> int:
         """This engine's wake-up eventfd (made on first use): the writers of the rings
         it reads write to it when it sleeps, and the loop watches it. One per engine,
-        so no two engines (or loops) of a process take each other's wake-ups."""
+        so no two engines (or loops) of a process take each other's wake-ups.
+
+        Raises:
+            OSError: The engine is closed, or no eventfd could be made.
+        """
+        if self._closed:
+            raise OSError(errno.ESHUTDOWN, "the engine is closed")
         if self._wake_fd is None:
             self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._loop.add_reader(self._wake_fd, self._rung)

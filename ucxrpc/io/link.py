@@ -352,17 +352,19 @@ class Link:
     def _open_ring(self) -> None:
         """Make the ring the peer writes this side's frames to, and tell the peer (it
         may read this side's memory, so it may take the ring's fds)."""
-        if not ring.available():
+        capacity = ring.capacity_for(self.inbound.budget.max_ahead)
+        if not ring.available() or not capacity:
             return
         try:
-            reader = ring.Reader(self._ring_frame, self._broken)
+            wake = self.engine.wake_fd()
+            reader = ring.Reader(self._ring_frame, self._broken, capacity)
         except OSError as exc:
             log.debug("ucxrpc: no frame ring (%s)", exc)
             return
         assert reader.fd is not None
         self.ring_in = reader
         self.engine.add_ring(reader)
-        fields = [reader.fd, self.engine.wake_fd(), reader.capacity, reader.nonce]
+        fields = [reader.fd, wake, reader.capacity, reader.nonce]
         self.send(0, codec.encode(Kind.RING, 0, fields))
 
     def _ring_frame(self, tag: int, buf: bytearray) -> None:
@@ -595,8 +597,11 @@ class Link:
                 except ProtocolError:
                     self.pending_sends -= 1
                     raise  # the peer broke its ring: the connection is broken
-                if written:
-                    self.loop.call_soon(cb, None)  # it has left: in the peer's memory
+                if written:  # it has left: it is in the peer's memory
+                    if done is None:
+                        self.pending_sends -= 1  # all that _sent(None) does, at once
+                    else:
+                        self.loop.call_soon(cb, None)  # never inside the caller's send
                     continue
                 out = None  # the ring is full: the rest follow this one over UCX
             self._ucx_pending += 1

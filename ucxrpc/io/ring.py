@@ -64,12 +64,15 @@ __all__ = [
     "Reader",
     "Writer",
     "available",
+    "capacity_for",
 ]
 
 #: Bytes before the data area.
 HEADER: Final = 64
-#: Bytes of a ring's data area.
-CAPACITY: Final = 256 * 1024
+#: Bytes of a ring's data area, at most (see :func:`capacity_for`).
+CAPACITY: Final = 64 * 1024
+#: The smallest record (header and the smallest frame, padded).
+MIN_RECORD: Final = 48
 #: The largest frame a ring carries (larger ones go over UCX).
 MAX_RECORD: Final = 16 * 1024
 
@@ -123,6 +126,17 @@ def available() -> bool:
         and _spin_lock is not None
         and sys.maxsize > 2**32  # 64-bit: the header's words are read whole
     )
+
+
+def capacity_for(window: int) -> int:
+    """The largest ring (a power of two, at most :data:`CAPACITY`) whose frames can
+    never all be ahead of the receiver's window: a frame that finds the ring full
+    goes over UCX, numbered after everything in the ring, and must still fall within
+    ``window`` frames of the next one expected. 0 if no ring is that small."""
+    capacity = CAPACITY
+    while capacity > 4 * MAX_RECORD and capacity // MIN_RECORD > window // 2:
+        capacity //= 2
+    return capacity if capacity // MIN_RECORD <= window // 2 else 0
 
 
 def _words(m: mmap.mmap) -> tuple[ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint32]:
@@ -220,7 +234,11 @@ class Reader:
                 frame = bytearray(self._view[start : start + length])  # copied out first
                 pos += size
                 got += 1
-                self._deliver(tag, frame)
+                try:
+                    self._deliver(tag, frame)
+                except ProtocolError as exc:
+                    # The connection's own error, not the ring's: let the engine log it.
+                    raise RuntimeError(f"delivering a frame failed: {exc}") from exc
                 if self.dead:
                     break  # closed by what the frame did
         except ProtocolError as exc:
