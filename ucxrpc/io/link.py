@@ -19,7 +19,7 @@ after UCX completed the receive.
 
 Shared parts: when the handshake proved both peers can open each other's memory files
 (one host, see :mod:`ucxrpc.io.shared`), the parts of a frame with a part of at least
-``share_min`` bytes travel outside UCX, and only a 16-byte descriptor crosses it. If
+``share_min`` bytes travel outside UCX, and only a 32-byte descriptor crosses it. If
 the peer reads this side's memory, the descriptor is the part's address: the peer
 copies the bytes out and answers with a RELEASE frame, and the buffer is kept until
 then (as for a UCX send: reuse it once the call returned). Otherwise the part travels
