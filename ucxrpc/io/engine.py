@@ -107,7 +107,6 @@ class Op:
         self.age = 0
 
 
-#: Reaps a request stays among the young (checked on every reap) before it is old.
 #: Seconds between looks at the frame rings while asleep, at first and at most (see
 #: ``_drive``).
 _NAP = 0.005
@@ -127,6 +126,7 @@ class RingSource(Protocol):
         """Say this side polls again."""
 
 
+#: Reaps a request stays among the young (checked on every reap) before it is old.
 _YOUNG_REAPS = 4
 #: Old requests checked per reap, in turn: a request that waits long (a send to a peer
 #: that does not receive) costs a drive a bounded slice, not a scan of everything.
@@ -197,6 +197,7 @@ class Engine:
         self._wake_fd: int | None = None
         self._nap: asyncio.TimerHandle | None = None
         self._nap_for = _NAP
+        self._dozing = False  # slept with the rings' sleep flags set
         loop.add_reader(self._fd, self.kick)
         self.kick()
 
@@ -236,8 +237,6 @@ class Engine:
             os.eventfd_read(self._wake_fd)
         except OSError:
             pass  # already read: the wake-up below is what matters
-        for ring in self._rings:
-            ring.rouse()
         self.kick()
 
     def _napped(self) -> None:
@@ -278,6 +277,7 @@ class Engine:
             try:
                 if all([ring.doze() for ring in rings]) and self._worker.arm():
                     self.sleeps += 1
+                    self._dozing = bool(rings)
                     if rings and self._nap is None:
                         # Belt and braces (writers fence, then wake us): look at the
                         # rings now and then while asleep, less often the longer the
@@ -305,14 +305,17 @@ class Engine:
             self._reap()
         budget = self._max_probes
         found = 0
-        for ring in list(self._rings):  # a frame may close its link, and its ring
-            try:
-                found += ring.poll()
-            except Exception as exc:  # one connection's bug must not stop the others
-                self._failed("ring", exc)
-        if found:
-            for ring in self._rings:
-                ring.rouse()
+        if self._rings:
+            rings = list(self._rings)  # a frame may close its link, and its ring
+            if self._dozing:  # woken (by a writer or by UCX): writers need not ring
+                self._dozing = False
+                for ring in rings:
+                    ring.rouse()
+            for ring in rings:
+                try:
+                    found += ring.poll()
+                except Exception as exc:  # one connection's bug must not stop the others
+                    self._failed("ring", exc)
         found += self._probe_frames(budget)
         if found < budget:
             found += self._probe_parts(budget - found)

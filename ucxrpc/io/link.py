@@ -168,6 +168,9 @@ class Link:
         self.ring_in: ring.Reader | None = None
         self.ring_out: ring.Writer | None = None
         self._ucx_pending = 0  # UCX sends not completed (frames wait behind them)
+        # The peer's RING frame when it came before this side's handshake ended (the
+        # server announces its ring before the client has read the welcome).
+        self._early_ring: tuple[Header, bytes] | None = None
         #: Parts sent shared and received shared, and of those received, how many
         #: were read out of the peer's memory.
         self.shared_sent = 0
@@ -230,6 +233,9 @@ class Link:
                 self.peer_reads = peer_reads and self.offer_memory
             if reads and self.offer_rings:
                 self._open_ring()
+        early, self._early_ring = self._early_ring, None
+        if early is not None:
+            self._on_ring(early[0], memoryview(early[1]))
 
     # -- arrivals (from the manager's router) ----------------------------------------------
 
@@ -375,6 +381,10 @@ class Link:
         self.on_frame(tag, buf)
 
     def _on_ring(self, header: Header, payload: memoryview) -> None:
+        if self.outbound is None:  # not connected yet: the peer is not known yet
+            if self._early_ring is None:
+                self._early_ring = (header, bytes(payload))
+            return
         try:
             fields = codec.decode_payload(header, payload)
         except ProtocolError:
@@ -585,25 +595,22 @@ class Link:
         # Frames take the ring only when nothing of theirs (parts) nor before them
         # waits on UCX: frames overtaking their parts without bound would make the
         # receiver hold them all (its limits would refuse them under load).
+        # (A lone message is a frame: parts follow their frame.)
         if out is not None and (
-            self._ucx_pending or any(tag & codec.DATA_BIT for tag, _ in messages)
+            self._ucx_pending
+            or (len(messages) > 1 and any(tag & codec.DATA_BIT for tag, _ in messages))
         ):
             out = None
         for tag, buf in messages:
-            self.pending_sends += 1
             if out is not None:
-                try:
-                    written = out.put(tag, buf)
-                except ProtocolError:
-                    self.pending_sends -= 1
-                    raise  # the peer broke its ring: the connection is broken
-                if written:  # it has left: it is in the peer's memory
-                    if done is None:
-                        self.pending_sends -= 1  # all that _sent(None) does, at once
-                    else:
+                # A ProtocolError here: the peer broke its ring, and the connection.
+                if out.put(tag, buf):  # it has left: it is in the peer's memory
+                    if done is not None:
+                        self.pending_sends += 1
                         self.loop.call_soon(cb, None)  # never inside the caller's send
                     continue
                 out = None  # the ring is full: the rest follow this one over UCX
+            self.pending_sends += 1
             self._ucx_pending += 1
             try:
                 engine.send(ep, buf, tag, ucx_cb)
