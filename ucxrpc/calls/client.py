@@ -18,6 +18,7 @@ from ..errors import (
     Unavailable,
     error_from_payload,
 )
+from ..io import copier
 from ..io.control import initiate_handshake, read_message, write_message
 from ..io.link import Link
 from ..io.sched import PriorityLimiter
@@ -623,7 +624,10 @@ class Client:
                 call.timer = loop.call_at(deadline, self._expire, call, method)
             pump = None
             engine = link.engine
-            engine.awaiting += 1
+            # The reply to a large request is at least a large copy away: polling for
+            # it would take the core the peer copies on.
+            spin = 1 if not encoded.parts or encoded.size < copier.SPLIT_BYTES else 0
+            engine.awaiting += spin
             try:
                 link.send(call_id, encoded)
                 if source is not None:
@@ -637,7 +641,7 @@ class Client:
                 self._abandon(call, cancel=False)
                 raise
             finally:
-                engine.awaiting -= 1
+                engine.awaiting -= spin
                 if pump is not None:
                     pump.stop()
                     self._pumps.pop(call_id, None)

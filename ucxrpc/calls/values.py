@@ -63,7 +63,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 from typing_extensions import is_typeddict
 
-from ..wire import codec
+from ..io import copier
 from ..wire.codec import ArrayData
 
 __all__ = [
@@ -361,7 +361,7 @@ def as_bytes(value: Any) -> Any:
     if type(value) is bytes:
         return value
     if isinstance(value, (bytearray, memoryview)):
-        return codec.to_bytes(value)
+        return copier.to_bytes(value)
     return value
 
 
@@ -465,7 +465,7 @@ def plain(value: Any) -> Any:
     """
     t = type(value)
     if t is bytearray or t is memoryview:
-        return codec.to_bytes(value)
+        return copier.to_bytes(value)
     if t is list:
         if _SCAN.isdisjoint(map(type, value)):
             return value  # the common case (a list of scalars): no stack, no loop
@@ -487,7 +487,7 @@ def plain(value: Any) -> Any:
         for key, item in items:
             ti = type(item)
             if ti is bytearray or ti is memoryview:
-                node[key] = codec.to_bytes(item)
+                node[key] = copier.to_bytes(item)
             elif (ti is list or ti is dict) and id(item) not in seen:
                 seen.add(id(item))
                 stack.append(item)

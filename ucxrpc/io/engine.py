@@ -40,6 +40,7 @@ from typing import Any, Protocol
 
 from ..errors import ConnectionLost, RpcError, Unavailable
 from ..wire import codec
+from . import shared
 from .ucx import Array
 from .ucx import lib as _ucx
 
@@ -271,7 +272,11 @@ class Engine:
             if self._nap is not None or self._nap_for != _NAP:
                 self._awake()
         elif not self._poll_forever and now - self._last_event >= (
-            self._reply_spin if self.awaiting > 0 else self._spin
+            # While a peer copies a large part out of this process the reply is a
+            # copy away, and a long spin would take the core that copy runs on.
+            self._reply_spin
+            if self.awaiting > 0 and not shared.Exports.process_lending
+            else self._spin
         ):
             rings = self._rings
             try:

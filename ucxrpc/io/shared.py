@@ -40,6 +40,7 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple
@@ -48,7 +49,7 @@ import numpy as _np
 
 from ..errors import ConnectionLost, DeadlineExceeded, ProtocolError
 from ..wire.shared import TRAILER_SIZE
-from . import cmem, regions, ring
+from . import cmem, copier, regions, ring
 
 __all__ = [
     "Exports",
@@ -403,6 +404,7 @@ class Peer:
         self._closed = False
         self._ticket = ctypes.c_uint64(0)
         self._poll = select.poll()
+        self._polling = threading.Lock()
         self._pidfd: int | None = None
         if hasattr(os, "pidfd_open"):
             try:
@@ -455,7 +457,8 @@ class Peer:
         if self._closed:
             raise ConnectionLost("connection closed")
         buf = regions.region(length)
-        self._copy(address, address_of(buf), length)
+        local = address_of(buf)
+        copier.copy_split(lambda at, n: self._copy(address + at, local + at, n), length)
         self._copy(ticket, ctypes.addressof(self._ticket), 8)
         if not self.alive():
             # The pid may name another process by now: what was read is not the peer's.
@@ -501,8 +504,10 @@ class Peer:
             return False
         if self._pidfd is None:
             return _alive(self.pid)
-        # poll, not select: a pidfd numbered 1,024 or more is fine.
-        return not self._poll.poll(0)
+        # poll, not select: a pidfd numbered 1,024 or more is fine. The lock: the two
+        # halves of a split read may both ask (a poll object polls once at a time).
+        with self._polling:
+            return not self._poll.poll(0)
 
     def close(self) -> None:
         """Let go of the pidfd."""
@@ -555,6 +560,9 @@ class Exports:
     #: Files held over every connection of the process, and the most it may hold.
     process_held = 0
     process_limit = 1024
+    #: Buffers of :data:`~ucxrpc.io.copier.SPLIT_BYTES` or more lent over every
+    #: connection of the process: a peer is copying one, on both cores, while any is.
+    process_lending = 0
 
     def __init__(
         self, limit: int, hold: float, clock: Callable[[], float], max_files: int = 256
@@ -594,6 +602,8 @@ class Exports:
         self._files[key] = _Held(fd, size, self._clock(), done)
         self.bytes += size
         Exports.process_held += 1
+        if type(fd) is Lent and size >= copier.SPLIT_BYTES:
+            Exports.process_lending += 1
 
     def release(self, key: int) -> bool:
         """The peer mapped the file of ``key``: close it. False for an unknown key."""
@@ -626,6 +636,8 @@ class Exports:
                 pass
         elif type(held.fd) is Lent:
             held.fd.withdraw()
+            if held.size >= copier.SPLIT_BYTES:
+                Exports.process_lending -= 1
         if held.done is not None:
             held.done(error)
 
