@@ -123,7 +123,9 @@ class Config(BaseSettings):
         description="stream items a server may send ahead of the consumer (flow control)",
     )
     expose_tracebacks: bool = Field(
-        True, description="send handler tracebacks to callers in RemoteError"
+        False,
+        description="send handler tracebacks to callers in RemoteError (off by default: "
+        "a traceback shows the server's paths, code and values; turn it on in development)",
     )
 
     @field_validator("progress_mode", mode="before")
