@@ -8,9 +8,10 @@ import inspect
 import os
 import signal
 import sys
+import warnings
 from typing import TYPE_CHECKING, Any
 
-from . import Manager, Server
+from . import InsecureWarning, Manager, Server
 from ._cli_common import CliError, format_address, load_config
 
 if TYPE_CHECKING:
@@ -93,7 +94,11 @@ async def serve(
     try:
         async with manager:
             metrics = _metrics_for(server) if metrics_port is not None else None
-            await server.start(manager, host, port)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", InsecureWarning)
+                await server.start(manager, host, port)
+            for warning in caught:
+                print(f"warning: {warning.message}", file=sys.stderr, flush=True)
             print(f"serving {target} on {format_address(host, server.port)}", flush=True)
             endpoint = None
             if metrics is not None and metrics_port is not None:

@@ -27,6 +27,7 @@ __all__ = [
     "Cancelled",
     "ConnectionLost",
     "DeadlineExceeded",
+    "InsecureWarning",
     "InvalidArgument",
     "InvalidReply",
     "MethodNotFound",
@@ -266,3 +267,9 @@ def _plain(details: Any) -> Any:
     if details is None or isinstance(details, (str, int, float, bool, bytes, list, dict)):
         return details
     return repr(details)
+
+
+class InsecureWarning(UserWarning):
+    """A setting that leaves a server open to anyone who can reach it, such as a server
+    listening beyond loopback without ``auth_token``. Silence it deliberately with
+    :func:`warnings.filterwarnings` if the network is trusted."""

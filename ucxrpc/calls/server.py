@@ -6,14 +6,17 @@ import asyncio
 import contextvars
 import functools
 import inspect
+import ipaddress
 import logging
 import secrets
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from ..errors import (
     DeadlineExceeded,
+    InsecureWarning,
     InvalidArgument,
     MethodNotFound,
     ProtocolError,
@@ -229,6 +232,13 @@ class Server:
         """
         if self._tcp is not None:
             raise RuntimeError("the server is already started")
+        if manager.config.auth_token is None and not _is_loopback(host):
+            warnings.warn(
+                f"ucxrpc: serving on {host or '*'} without auth_token: anyone who can reach "
+                "this port can call every method (set Config.auth_token)",
+                InsecureWarning,
+                stacklevel=2,
+            )
         await manager.start()
         self._manager = manager
         self._stopped = asyncio.Event()
@@ -836,3 +846,13 @@ class _ServerConn:
             self.server._gone_bytes[1] += link.bytes_received
             self.manager.unregister(link.local_id)
             await self.manager.close_endpoint(link.ep)
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine

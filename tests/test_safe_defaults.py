@@ -1,0 +1,94 @@
+"""Safe defaults: what a server gives away unless it is told to."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import ucxrpc
+
+pytestmark = pytest.mark.timeout(60)
+UCXRPC = str(Path(sys.executable).with_name("ucxrpc"))
+
+
+def _server() -> ucxrpc.Server:
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def boom() -> None:
+        raise ValueError("secret path /srv/app/settings.py")
+
+    return server
+
+
+async def test_tracebacks_stay_on_the_server_by_default(manager: ucxrpc.Manager) -> None:
+    assert ucxrpc.Config().expose_tracebacks is False
+    server = _server()
+    await server.start(manager)
+    async with await manager.connect("127.0.0.1", server.port) as client:
+        with pytest.raises(ucxrpc.RemoteError) as info:
+            await client.call("boom")
+    assert info.value.remote_type == "ValueError" and info.value.remote_traceback == ""
+    await server.stop()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", ""])
+async def test_serving_beyond_loopback_without_a_token_warns(host: str) -> None:
+    async with ucxrpc.Manager() as manager:
+        server = _server()
+        with pytest.warns(ucxrpc.InsecureWarning, match="without auth_token"):
+            try:
+                await server.start(manager, host, 0)
+            except ucxrpc.Unavailable:  # no IPv6 here: the warning came first
+                if host != "::":
+                    raise
+        await server.stop()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+async def test_serving_on_loopback_or_with_a_token_does_not_warn(host: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ucxrpc.InsecureWarning)
+        async with ucxrpc.Manager() as manager:
+            server = _server()
+            try:
+                await server.start(manager, host, 0)
+            except ucxrpc.Unavailable:  # ::1 where IPv6 is off
+                assert host == "::1"
+            await server.stop()
+        async with ucxrpc.Manager(auth_token="t0ken") as manager:
+            server = _server()
+            await server.start(manager, "0.0.0.0", 0)
+            await server.stop()
+
+
+def test_the_token_is_never_shown() -> None:
+    config = ucxrpc.Config(auth_token="hunter2-secret")
+    for text in (repr(config), str(config), str(config.model_dump()), config.model_dump_json()):
+        assert "hunter2-secret" not in text
+    assert config.auth_token is not None
+    assert config.auth_token.get_secret_value() == "hunter2-secret"
+
+
+def test_the_serve_command_prints_the_warning_in_one_line() -> None:
+    proc = subprocess.Popen(
+        [UCXRPC, "serve", "ucxrpc.demo:build_server", "--host", "0.0.0.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline().startswith("serving ")
+        line = proc.stderr.readline()
+        assert line.startswith("warning: ucxrpc: serving on 0.0.0.0 without auth_token")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
