@@ -51,6 +51,10 @@ _INPUT_STREAM = int(Flags.INPUT_STREAM)
 DEFAULT_WINDOW = 16
 #: The largest stream window (and credit grant) accepted.
 MAX_WINDOW = 1 << 16
+#: Seconds a cancelled call may take to end (its ``finally`` blocks) before its
+#: connection is closed without it: a handler that catches CancelledError and goes on
+#: must not hold up ``stop()`` or the cleanup of a dead client for as long as it runs.
+CANCEL_WAIT = 0.5
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -302,8 +306,8 @@ class Server:
         tasks = [t for c in self._conns for t in (*c.calls.values(), *c.notes)]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
-        for conn in list(self._conns):
-            await conn.close()
+        # At once: each close may wait CANCEL_WAIT for calls that ignore cancellation.
+        await asyncio.gather(*(conn.close() for conn in list(self._conns)))
         # Closing the control streams ends every connection task (handshakes included).
         for writer in self._accepting.values():
             writer.close()
@@ -836,7 +840,14 @@ class _ServerConn:
         for task in tasks:
             task.cancel()
         if tasks:
-            await asyncio.wait(tasks)
+            _, stuck = await asyncio.wait(tasks, timeout=CANCEL_WAIT)
+            if stuck:
+                # Left to end on their own: their replies go nowhere (closed).
+                log.info(
+                    "connection from %s closed with %d calls that ignored cancellation",
+                    self.peer,
+                    len(stuck),
+                )
         self.calls.clear()
         self.notes.clear()
         self.writer.close()

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import secrets
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -33,6 +34,10 @@ T = TypeVar("T")
 
 #: Closes something the runtime owns at shutdown; gets the grace period in seconds.
 Closer = Callable[[float], Awaitable[None]]
+#: Seconds shutdown waits for plain handlers still running in their threads after the
+#: grace: a thread cannot be interrupted, and one that runs on is left to finish by
+#: itself (the interpreter waits for it at exit) rather than block the event loop.
+THREAD_WAIT = 0.5
 
 
 class Runtime:
@@ -132,7 +137,7 @@ class Runtime:
         assert engine is not None
         self._leftover = engine.close()
         if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
+            await _retire(self._executor, THREAD_WAIT)
             self._executor = None
         self._engine = None
         # The worker must go before the buffers of requests it might still write into.
@@ -356,6 +361,33 @@ def _ucx_options(cfg: Config) -> dict[str, str]:
     if not cfg.peer_error_handling and "TLS" not in options and "UCX_TLS" not in os.environ:
         options["TLS"] = "^cma"
     return options
+
+
+async def _retire(executor: ThreadPoolExecutor, timeout: float) -> None:
+    """Shut ``executor`` down without blocking the loop: a thread of its own joins the
+    executor's threads, and is waited for at most ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    joined: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not joined.done():
+            joined.set_result(None)
+
+    def join() -> None:
+        executor.shutdown(wait=True, cancel_futures=True)
+        try:
+            loop.call_soon_threadsafe(settle)
+        except RuntimeError:
+            pass  # the loop has closed meanwhile: nobody waits any more
+
+    joiner = threading.Thread(target=join, name="ucxrpc-handler-join", daemon=True)
+    joiner.start()
+    try:
+        await asyncio.wait_for(asyncio.shield(joined), timeout)
+    except TimeoutError:
+        log.info("ucxrpc: shutdown left plain handlers running after %.1fs", timeout)
+        return
+    joiner.join()  # it has only to return now
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
