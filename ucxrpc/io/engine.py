@@ -36,7 +36,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from ..errors import ConnectionLost, RpcError, Unavailable
 from ..wire import codec
@@ -44,7 +44,7 @@ from . import shared
 from .ucx import Array
 from .ucx import lib as _ucx
 
-__all__ = ["Engine", "Op", "RingSource", "Router", "convert_ucx_error"]
+__all__ = ["FORKED_MESSAGE", "Engine", "Op", "RingSource", "Router", "convert_ucx_error"]
 
 log = logging.getLogger("ucxrpc")
 
@@ -127,11 +127,22 @@ class RingSource(Protocol):
         """Say this side polls again."""
 
 
+#: The largest scratch buffer for discarded messages kept between discards.
+_JUNK_KEEP = 1 << 20
+
 #: Reaps a request stays among the young (checked on every reap) before it is old.
 _YOUNG_REAPS = 4
 #: Old requests checked per reap, in turn: a request that waits long (a send to a peer
 #: that does not receive) costs a drive a bounded slice, not a scan of everything.
 _OLD_PER_REAP = 64
+
+
+#: Why a forked child cannot use its parent's engine.
+FORKED_MESSAGE: Final = (
+    "ucxrpc was started in the parent of this forked process, whose UCX state cannot be "
+    "shared: start processes with multiprocessing's 'spawn' or 'forkserver' method (or "
+    "fork before starting any ucxrpc Manager)"
+)
 
 
 class Engine:
@@ -180,6 +191,8 @@ class Engine:
         self._sweep = 0
         self._scheduled = False
         self._closed = False
+        #: Set in a forked child (:meth:`forget`): the engine is its parent's.
+        self.forked = False
         self._last_event = 0.0
         self._failures: set[str] = set()
         self._stranded: list[Any] = []
@@ -395,7 +408,10 @@ class Engine:
 
         Raises:
             RpcError: The send failed at once (converted from ucxx).
+            Unavailable: This process is a forked child of the engine's.
         """
+        if self.forked:
+            raise Unavailable(FORKED_MESSAGE)
         try:
             req = ep.tag_send(Array(buf), _Tag(tag))
         except Exception as err:
@@ -405,6 +421,9 @@ class Engine:
     def receive(self, handle: Any, buf: Any, cb: Callback) -> None:
         """Receive a probed message (``handle`` from :meth:`Router.on_part`) into ``buf``,
         which must be exactly as long as the probe reported."""
+        if self.forked:
+            self._run(cb, Unavailable(FORKED_MESSAGE))
+            return
         try:
             req = self._worker.tag_recv_with_handle(Array(buf), handle)
         except Exception as err:
@@ -416,10 +435,14 @@ class Engine:
         """Consume a probed message and throw it away.
 
         Every discarded message is received into one shared scratch buffer: its bytes
-        are never read, so concurrent receives into it are harmless. A message longer
-        than ``junk_limit`` is left unreceived (kept referenced, never freed, since
-        UCX owns its descriptor).
+        are never read, so concurrent receives into it are harmless. A scratch buffer
+        grown past :data:`_JUNK_KEEP` for a large message is let go once that message
+        is in (a stranger's one large part must not keep the server that much larger
+        for good). A message longer than ``junk_limit`` is left unreceived (kept
+        referenced, never freed, since UCX owns its descriptor).
         """
+        if self.forked:
+            return
         self.discarded += 1
         if length > self._junk_limit:
             self._stranded.append(handle)
@@ -432,7 +455,13 @@ class Engine:
         except Exception as err:
             self._failed("discard", err)
             return
-        self._track(req, None, self._junk, True)
+        # Each request keeps its buffer referenced until it completes, so a receive
+        # still filling a large buffer keeps it even once the engine has let it go.
+        self._track(req, None if length <= _JUNK_KEEP else self._shrink_junk, self._junk, True)
+
+    def _shrink_junk(self, _exc: BaseException | None) -> None:
+        if len(self._junk) > _JUNK_KEEP:
+            self._junk = bytearray(0)
 
     # -- arrivals -------------------------------------------------------------------------
 
@@ -521,9 +550,17 @@ class Engine:
 
     # -- shutdown -------------------------------------------------------------------------
 
+    def forget(self) -> None:
+        """Stop for good without a UCX call or a change to the event loop: in a forked
+        child the worker, its requests, and the loop's epoll set are the parent's."""
+        self._closed = True
+        self.forked = True
+
     def close(self) -> list[Any]:
         """Stop driving. Returns what must stay referenced until the worker is gone
         (requests in flight with their buffers, messages left unreceived)."""
+        if self.forked:
+            return []
         self._closed = True
         self._loop.remove_reader(self._fd)
         if self._wake_fd is not None:

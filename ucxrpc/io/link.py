@@ -36,12 +36,13 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import ConnectionLost, ProtocolError, RpcError
+from ..errors import ConnectionLost, ProtocolError, RpcError, Unavailable
 from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
 from ..wire import codec
 from ..wire import shared as wire_shared
 from ..wire.codec import Flags, Header, Kind
 from . import regions, ring, shared
+from .engine import FORKED_MESSAGE
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -553,6 +554,8 @@ class Link:
         """
         outbound = self.outbound
         if self.closed or outbound is None:
+            if self.engine.forked:
+                raise Unavailable(FORKED_MESSAGE)
             raise ConnectionLost("connection closed")
         self.bytes_sent += encoded.size
         if self.exports is not None and encoded.parts:

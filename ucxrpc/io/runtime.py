@@ -8,14 +8,16 @@ the RPC layer); the messaging layer's :class:`~ucxrpc.transport.Worker` runs on 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
 import secrets
 import threading
+import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Final, TypeVar
 
 from ..errors import ResourceExhausted, RpcError, StatusCode, Unavailable
 from ..protocol import Budget, random_id
@@ -23,11 +25,11 @@ from ..wire import codec
 from ..wire.ucxaddr import validate_worker_address
 from . import shared
 from .config import Config
-from .engine import Engine
+from .engine import FORKED_MESSAGE, Engine
 from .link import Link, Owner
 from .ucx import lib, ucx_version
 
-__all__ = ["Closer", "Config", "Runtime", "run", "ucx_info"]
+__all__ = ["FORKED", "Closer", "Config", "Runtime", "run", "ucx_info"]
 
 log = logging.getLogger("ucxrpc")
 T = TypeVar("T")
@@ -53,6 +55,13 @@ class Runtime:
     context, worker and progress engine, and they can connect to each other.
     """
 
+    #: Runtimes that created a UCX context in this process and are not closed yet.
+    _started: ClassVar[weakref.WeakSet[Runtime]] = weakref.WeakSet()
+    #: Whether a UCX context was ever created in this process or a process it was
+    #: forked from (a forked child's UCX state is its parent's: it must not use it).
+    _inherited: ClassVar[bool] = False
+    _initialised: ClassVar[bool] = False
+
     def __init__(self, config: Config | None = None, **overrides: Any) -> None:
         base = config if config is not None else Config()
         if overrides:
@@ -75,6 +84,8 @@ class Runtime:
         """Create the UCX context and worker and start the progress engine (idempotent)."""
         if self._state == "running":
             return self
+        if self._state == "forked" or Runtime._inherited:
+            raise Unavailable(FORKED)
         if self._state != "new":
             raise Unavailable("this manager has been shut down")
         loop = asyncio.get_running_loop()
@@ -105,6 +116,8 @@ class Runtime:
             junk_limit=max(cfg.max_message_size, 256 << 20),
         )
         self._state = "running"
+        Runtime._started.add(self)
+        Runtime._initialised = True
         return self
 
     async def __aenter__(self) -> Runtime:
@@ -124,10 +137,13 @@ class Runtime:
         Args:
             grace: Seconds servers may spend draining in-flight calls.
         """
+        if self._state == "forked":
+            return  # the parent's: nothing of it is touched here (see _forked)
         if self._state != "running":
             self._state = "closed"
             return
         self._state = "closing"
+        Runtime._started.discard(self)
         # Clients (stage 0) first: their pending calls end with Cancelled, not with
         # ConnectionLost from our own servers going away underneath them.
         for _, closer in sorted(self._owned.values(), key=lambda entry: entry[0]):
@@ -152,8 +168,22 @@ class Runtime:
     def engine(self) -> Engine:
         """The progress engine (raises when the manager is not running)."""
         if self._engine is None or self._state != "running":
-            raise Unavailable("the manager is not running")
+            raise Unavailable(FORKED if self._state == "forked" else "the manager is not running")
         return self._engine
+
+    def _forked(self) -> None:
+        """In a forked child: the UCX context, worker and endpoints are the parent's.
+
+        Nothing of them may run here, not even their destructors at exit (closing an
+        inherited endpoint would close the parent's connection), so the runtime is
+        kept alive for good and its engine stops without a UCX call.
+        """
+        self._state = "forked"
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))
+        if self._engine is not None:
+            self._engine.forget()
+        for link in self._conns.values():
+            link.closed = True  # sends fail at once; closing it touches nothing
 
     @property
     def worker_address(self) -> bytes:
@@ -195,7 +225,7 @@ class Runtime:
 
     async def close_endpoint(self, ep: Any, timeout: float = 1.0) -> None:
         """Close a UCX endpoint, waiting at most ``timeout`` for the flush."""
-        if self._engine is None or ep is None:
+        if self._engine is None or ep is None or self._state == "forked":
             return
         try:
             if not ep.alive:
@@ -361,6 +391,21 @@ def _ucx_options(cfg: Config) -> dict[str, str]:
     if not cfg.peer_error_handling and "TLS" not in options and "UCX_TLS" not in os.environ:
         options["TLS"] = "^cma"
     return options
+
+
+#: Why a forked child cannot use what its parent started.
+FORKED: Final = FORKED_MESSAGE
+
+
+def _after_fork_in_child() -> None:
+    Runtime._inherited = Runtime._initialised
+    for runtime in list(Runtime._started):
+        runtime._forked()
+    Runtime._started = weakref.WeakSet()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 async def _retire(executor: ThreadPoolExecutor, timeout: float) -> None:
