@@ -475,11 +475,14 @@ class Server:
             if handler.is_async:  # the common case, without another coroutine layer
                 return await handler.func(*args, **kwargs)
             return await self._execute(conn, header.call_id, handler, args, kwargs)
+        scope = asyncio.timeout_at(deadline)
         try:
-            async with asyncio.timeout_at(deadline):
+            async with scope:
                 return await self._execute(conn, header.call_id, handler, args, kwargs)
         except TimeoutError:
-            if deadline <= asyncio.get_running_loop().time():
+            # The scope says whether it fired: uvloop's timers may fire while
+            # loop.time() still reads just short of the deadline.
+            if scope.expired():
                 raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
             raise
 
