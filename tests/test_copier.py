@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import signal
 import subprocess
 import sys
 import threading
@@ -80,21 +81,110 @@ def test_an_error_in_either_half_is_raised_after_both_ended(failing: str) -> Non
 
 def test_the_helper_thread_ends_when_idle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(copier, "IDLE_SECONDS", 0.05)
+    used: list[threading.Thread] = []
 
-    def helpers() -> int:
-        return sum(t.name == "ucxrpc-copy" for t in threading.enumerate())
+    def copy(at: int, n: int) -> None:
+        used.append(threading.current_thread())
 
-    # A helper started with the default idle time may still wait: let it end first.
-    deadline = time.monotonic() + 10
-    while helpers() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    copier.copy_split(lambda at, n: None, SPLIT)
-    assert helpers() == 1
-    while helpers() and time.monotonic() < deadline + 10:
+    deadline = time.monotonic() + 20
+    # A helper started by an earlier test waits out the default idle time first.
+    while len(used) < 2 or used[-1] is threading.current_thread():
+        used.clear()
+        copier.copy_split(copy, SPLIT)
+        assert time.monotonic() < deadline
+    first = used[-1]
+    assert first.name == "ucxrpc-copy"
+    while first.is_alive():  # it ends once idle
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    used.clear()
+    copier.copy_split(copy, SPLIT)  # and another starts when needed
+    helper = [t for t in used if t is not threading.current_thread()]
+    assert helper and helper[0] is not first and helper[0].name == "ucxrpc-copy"
+
+
+def test_an_interrupted_wait_still_waits_for_the_helper() -> None:
+    # A signal handler that raises while this thread waits for the helper's half must
+    # not let copy_split return while the helper still writes into the buffer.
+    ended = threading.Event()
+    here = threading.current_thread()
+
+    def copy(at: int, n: int) -> None:
+        if threading.current_thread() is not here:
+            time.sleep(0.3)
+            ended.set()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        with pytest.raises(KeyboardInterrupt):
+            copier.copy_split(copy, 2 * SPLIT)
+        assert ended.is_set()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_no_thread_to_be_had_copies_in_one_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(copier, "IDLE_SECONDS", 0.05)
+    deadline = time.monotonic() + 20
+    while any(t.name == "ucxrpc-copy" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
         time.sleep(0.02)
-    assert helpers() == 0
-    copier.copy_split(lambda at, n: None, SPLIT)  # and starts again when needed
-    assert helpers() == 1
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    pieces: list[tuple[int, int]] = []
+    with monkeypatch.context() as m:
+        m.setattr(threading.Thread, "start", refuse)
+        copier.copy_split(lambda at, n: pieces.append((at, n)), 2 * SPLIT)
+    assert pieces == [(0, 2 * SPLIT)]
+    pieces.clear()
+    copier.copy_split(lambda at, n: pieces.append((at, n)), 2 * SPLIT)  # not jammed
+    assert sorted(pieces) == [(0, SPLIT), (SPLIT, SPLIT)]
+
+
+def test_a_busy_helper_is_not_waited_for() -> None:
+    # Another thread's long copy holds the helper: this copy runs in one piece here
+    # rather than behind it.
+    release = threading.Event()
+    holding = threading.Event()
+
+    def slow(at: int, n: int) -> None:
+        if threading.current_thread().name == "ucxrpc-copy":
+            holding.set()
+            release.wait(10)
+
+    other = threading.Thread(target=copier.copy_split, args=(slow, 2 * SPLIT))
+    other.start()
+    try:
+        assert holding.wait(10)
+        names: list[str] = []
+        copier.copy_split(lambda at, n: names.append(threading.current_thread().name), SPLIT)
+        assert names == [threading.current_thread().name]
+    finally:
+        release.set()
+        other.join(10)
+
+
+def test_lent_counts_stay_exact_when_a_callback_raises() -> None:
+    exports = shared.Exports(1 << 30, 60.0, time.monotonic)
+    before = (shared.Exports.process_lending, shared.Exports.process_held)
+
+    def boom(exc: BaseException | None) -> None:
+        raise RuntimeError("callback failed")
+
+    for key in range(3):
+        exports.add(key, shared.Lent(bytes(SPLIT)), SPLIT, boom)
+    assert shared.Exports.process_lending == before[0] + 3
+    with pytest.raises(RuntimeError, match="callback failed"):
+        exports.close()
+    assert (shared.Exports.process_lending, shared.Exports.process_held) == before
+    assert len(exports) == 0 and exports.bytes == 0
 
 
 def test_a_forked_child_copies_without_its_parents_thread() -> None:
@@ -173,12 +263,16 @@ async def test_a_large_call_does_not_poll_for_its_reply(
     # core the copy needs; small calls still poll (their reply is a wake-up away).
     manager, client = remote
     engine = manager.engine
-    seen: list[int] = []
-    big = asyncio.ensure_future(client.call("echo_view", memoryview(bytes(SPLIT))))
-    small = asyncio.ensure_future(client.call("sleep", 0.2))
-    await until(lambda: client.pending == 2)
-    seen.append(engine.awaiting)
-    await big
-    seen.append(engine.awaiting)
-    await small
-    assert seen == [1, 1] and engine.awaiting == 0
+    small = asyncio.ensure_future(client.call("sleep", 30.0))
+    await until(lambda: client.pending == 1 and engine.awaiting == 1)
+    for size in (SPLIT, 3 * SPLIT + 13):
+        # The server holds the reply for a while: the large call is surely in flight.
+        big = asyncio.ensure_future(client.call("held", memoryview(bytes(size)), 0.5))
+        await until(lambda: client.pending == 2)
+        assert engine.awaiting == 1  # the small call's, not the large one's
+        assert await big == size
+        await until(lambda: shared.Exports.process_lending == 0)
+    small.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await small
+    assert engine.awaiting == 0

@@ -40,6 +40,13 @@ async def echo_view(data: memoryview) -> memoryview:
 
 
 @server.rpc
+async def held(data: memoryview, seconds: float) -> int:
+    """The length of ``data``, ``seconds`` after it arrived."""
+    await asyncio.sleep(seconds)
+    return data.nbytes
+
+
+@server.rpc
 async def reverse(data: bytes) -> bytes:
     return data[::-1]
 

@@ -624,9 +624,16 @@ class Client:
                 call.timer = loop.call_at(deadline, self._expire, call, method)
             pump = None
             engine = link.engine
-            # The reply to a large request is at least a large copy away: polling for
-            # it would take the core the peer copies on.
-            spin = 1 if not encoded.parts or encoded.size < copier.SPLIT_BYTES else 0
+            # The reply to a request whose large part the peer reads out of this
+            # process is at least that copy away: polling for it would take the core
+            # the peer copies on.
+            spin = 1
+            if (
+                encoded.parts
+                and link.peer_reads
+                and max(map(codec.nbytes, encoded.parts)) >= copier.SPLIT_BYTES
+            ):
+                spin = 0
             engine.awaiting += spin
             try:
                 link.send(call_id, encoded)

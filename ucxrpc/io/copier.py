@@ -39,12 +39,13 @@ Copy = Callable[[int, int], object]
 
 
 class _Job:
-    __slots__ = ("copy", "done", "error", "length", "offset")
+    __slots__ = ("copy", "done", "error", "keep", "length", "offset")
 
-    def __init__(self, copy: Copy, offset: int, length: int) -> None:
+    def __init__(self, copy: Copy, offset: int, length: int, keep: object) -> None:
         self.copy = copy
         self.offset = offset
         self.length = length
+        self.keep = keep  # the buffers written and read: alive until the job ends
         self.error: BaseException | None = None
         self.done = threading.Event()
 
@@ -54,23 +55,35 @@ class _Job:
         except BaseException as exc:  # handed to the thread that waits for it
             self.error = exc
         finally:
+            self.keep = None
             self.done.set()
 
 
 class _Helper:
-    """One thread taking jobs from a queue, ending when idle."""
+    """One thread taking one job at a time, ending when idle."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._running = False
+        self._busy = False
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: _Job) -> bool:
+        """Hand ``job`` to the thread; False (the job not taken) if the thread is busy
+        with another caller's job (no caller waits behind another's copy) or cannot
+        be started."""
         with self._lock:
-            self._jobs.put(job)
+            if self._busy:
+                return False
             if not self._running:
+                try:
+                    threading.Thread(target=self._serve, name="ucxrpc-copy", daemon=True).start()
+                except RuntimeError:  # no thread to be had: copy in one piece
+                    return False
                 self._running = True
-                threading.Thread(target=self._serve, name="ucxrpc-copy", daemon=True).start()
+            self._busy = True
+            self._jobs.put(job)
+            return True
 
     def _serve(self) -> None:
         while True:
@@ -84,12 +97,15 @@ class _Helper:
                         return
                 continue
             job.run()
+            with self._lock:
+                self._busy = False
 
     def reset(self) -> None:
         """Forget the thread and its jobs (in a forked child, where neither exists)."""
         self._lock = threading.Lock()
         self._jobs = queue.SimpleQueue()
         self._running = False
+        self._busy = False
 
 
 _helper = _Helper()
@@ -97,33 +113,52 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_helper.reset)
 
 
-def copy_split(copy: Copy, length: int) -> None:
+def copy_split(copy: Copy, length: int, keep: object = None) -> None:
     """Run ``copy(offset, n)`` over ``length`` bytes, in two halves on two threads
     when ``length`` is at least :data:`SPLIT_BYTES`, else in one call here.
 
-    The first error raised (this thread's first) is raised, after both halves ended:
-    the buffer is never written once this returns.
+    Args:
+        copy: Copies ``n`` bytes at ``offset``.
+        length: Bytes in all.
+        keep: What ``copy`` writes and reads (kept referenced until both halves end).
+
+    Once this returns or raises, nothing writes into the buffers any more: it waits
+    for the helper's half even when interrupted (a signal handler that raises), and
+    raises the first error after both halves ended. When the helper is busy with
+    another caller's copy, or no thread can be started, it copies in one piece here.
     """
     if length < SPLIT_BYTES:
         copy(0, length)
         return
-    # Page-aligned halves: neither thread touches the other's pages.
-    half = (length // 2) & ~0xFFF
-    job = _Job(copy, half, length - half)
-    _helper.submit(job)
+    half = length // 2
+    job = _Job(copy, half, length - half, keep)
+    if not _helper.submit(job):
+        copy(0, length)
+        return
+    error: BaseException | None = None
     try:
         copy(0, half)
-    finally:
-        job.done.wait()
-    if job.error is not None:
-        raise job.error
+    except BaseException as exc:
+        error = exc
+    while True:
+        try:
+            job.done.wait()
+            break
+        except BaseException as exc:  # the helper still writes: wait on, raise after
+            error = error or exc
+    if error is None:
+        error = job.error
+    elif job.error is not None and error.__context__ is None:
+        error.__context__ = job.error
+    if error is not None:
+        raise error
 
 
 def fill(address: int, view: memoryview) -> None:
     """Write the bytes of ``view`` (contiguous, of bytes) at ``address``, split as
     :func:`copy_split` splits."""
     source = int(_np.frombuffer(view, dtype=_np.uint8).ctypes.data)
-    copy_split(lambda at, n: ctypes.memmove(address + at, source + at, n), view.nbytes)
+    copy_split(lambda at, n: ctypes.memmove(address + at, source + at, n), view.nbytes, view)
 
 
 def to_bytes(buf: object) -> bytes:

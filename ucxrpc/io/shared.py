@@ -458,7 +458,7 @@ class Peer:
             raise ConnectionLost("connection closed")
         buf = regions.region(length)
         local = address_of(buf)
-        copier.copy_split(lambda at, n: self._copy(address + at, local + at, n), length)
+        copier.copy_split(lambda at, n: self._copy(address + at, local + at, n), length, buf)
         self._copy(ticket, ctypes.addressof(self._ticket), 8)
         if not self.alive():
             # The pid may name another process by now: what was read is not the peer's.
@@ -616,15 +616,26 @@ class Exports:
     def expire(self) -> None:
         """Close the files held longer than ``hold``."""
         limit = self._clock() - self.hold
-        for key in [k for k, held in self._files.items() if held.since <= limit]:
-            error = DeadlineExceeded(f"the peer did not take a shared part in {self.hold} s")
-            self._close(self._files.pop(key), error)
+        gone = [self._files.pop(k) for k, held in list(self._files.items()) if held.since <= limit]
+        error = DeadlineExceeded(f"the peer did not take a shared part in {self.hold} s")
+        self._close_all(gone, error)
 
     def close(self) -> None:
         """Close every file held (the connection is gone)."""
         files, self._files = self._files, {}
-        for held in files.values():
-            self._close(held, ConnectionLost("connection closed"))
+        self._close_all(list(files.values()), ConnectionLost("connection closed"))
+
+    def _close_all(self, held: list[_Held], error: BaseException) -> None:
+        # Every one is closed (and counted) even if a callback raises; the first
+        # callback error is raised at the end.
+        failed: BaseException | None = None
+        for one in held:
+            try:
+                self._close(one, error)
+            except Exception as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
     def _close(self, held: _Held, error: BaseException | None) -> None:
         self.bytes -= held.size
