@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -92,3 +94,69 @@ def test_the_serve_command_prints_the_warning_in_one_line() -> None:
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def _listening(pid: int) -> set[str]:
+    """The local addresses (hex, as in /proc/net/tcp) of process ``pid``'s listening
+    TCP sockets."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{pid}/net/{table}") as f:
+            for row in f.read().splitlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    found.add(fields[1].split(":")[0])
+    return found
+
+
+LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}
+
+
+async def test_a_server_on_loopback_listens_on_loopback_only(spawn: Any) -> None:
+    # helpers/serve.py serves on 127.0.0.1; UCX used to listen on every device too
+    # (tcp/eth0), reachable from other hosts.
+    proc = spawn("serve.py")
+    port = int(proc.read_ready()[0])
+    async with ucxrpc.Manager() as manager:
+        client = await manager.connect("127.0.0.1", port)
+        assert await client.call("ping") == "PONG"
+        assert await client.call("reverse", bytes(1 << 20)) == bytes(1 << 20)
+        assert manager.confined
+        for pid in (proc.pid, os.getpid()):
+            addresses = _listening(pid)
+            assert addresses and addresses <= LOOPBACK_HEX, (pid, addresses)
+        await client.close()
+
+
+async def test_a_manager_kept_on_loopback_says_so_when_asked_for_more() -> None:
+    async with ucxrpc.Manager() as manager:
+        server = _server()
+        await server.start(manager, "127.0.0.1", 0)
+        assert manager.confined
+        with pytest.raises(ucxrpc.Unavailable, match=r"kept on loopback.*NET_DEVICES"):
+            await manager.connect("192.0.2.1", 9)
+        await server.stop()
+    async with ucxrpc.Manager(ucx_options={"NET_DEVICES": "all"}) as manager:
+        server = _server()
+        await server.start(manager, "127.0.0.1", 0)
+        assert not manager.confined
+        await server.stop()
+
+
+async def test_a_server_beyond_loopback_uses_every_device() -> None:
+    async with ucxrpc.Manager(auth_token="t") as manager:
+        server = _server()
+        await server.start(manager, "0.0.0.0", 0)
+        assert not manager.confined
+        async with await manager.connect("127.0.0.1", server.port) as client:
+            with pytest.raises(ucxrpc.RemoteError):
+                await client.call("boom")
+        await server.stop()

@@ -212,6 +212,7 @@ class Client:
 
     async def _handshake(self, host: str, port: int) -> None:
         manager = self._manager
+        manager.prepare(host)
         reader, writer = await asyncio.open_connection(host, port)
         self._reader, self._writer = reader, writer
         link = self.link = manager.open_link(self)

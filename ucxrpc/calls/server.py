@@ -6,7 +6,6 @@ import asyncio
 import contextvars
 import functools
 import inspect
-import ipaddress
 import logging
 import secrets
 import traceback
@@ -28,6 +27,7 @@ from ..errors import (
 )
 from ..io.control import KEY_SIZE, answer, refuse, serve_control
 from ..io.link import Link
+from ..io.runtime import is_loopback
 from ..io.sched import PriorityLimiter
 from ..wire import codec
 from ..wire.codec import Flags, Kind
@@ -236,7 +236,7 @@ class Server:
         """
         if self._tcp is not None:
             raise RuntimeError("the server is already started")
-        if manager.config.auth_token is None and not _is_loopback(host):
+        if manager.config.auth_token is None and not is_loopback(host):
             warnings.warn(
                 f"ucxrpc: serving on {host or '*'} without auth_token: anyone who can reach "
                 "this port can call every method (set Config.auth_token)",
@@ -244,6 +244,7 @@ class Server:
                 stacklevel=2,
             )
         await manager.start()
+        manager.prepare(host)
         self._manager = manager
         self._stopped = asyncio.Event()
         self._draining = False
@@ -860,13 +861,3 @@ class _ServerConn:
             self.server._gone_bytes[1] += link.bytes_received
             self.manager.unregister(link.local_id)
             await self.manager.close_endpoint(link.ep)
-
-
-def _is_loopback(host: str) -> bool:
-    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
-    if host.strip().lower() in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve beyond this machine

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import ipaddress
 import logging
 import os
 import re
@@ -29,7 +30,16 @@ from .engine import FORKED_MESSAGE, Engine
 from .link import Link, Owner
 from .ucx import lib, ucx_version
 
-__all__ = ["FORKED", "Closer", "Config", "Runtime", "run", "ucx_info"]
+__all__ = [
+    "FORKED",
+    "LOOPBACK_DEVICE",
+    "Closer",
+    "Config",
+    "Runtime",
+    "is_loopback",
+    "run",
+    "ucx_info",
+]
 
 log = logging.getLogger("ucxrpc")
 T = TypeVar("T")
@@ -77,48 +87,122 @@ class Runtime:
         self._executor: ThreadPoolExecutor | None = None
         self._leftover: list[Any] = []
         self._state = "new"
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._confined = False
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> Runtime:
-        """Create the UCX context and worker and start the progress engine (idempotent)."""
+        """Start the runtime (idempotent).
+
+        The UCX context and worker are made now when ``ucx_options`` (or
+        ``UCX_NET_DEVICES``) choose the network devices; otherwise on first use
+        (:meth:`prepare`), so that a runtime whose first server or connection is on
+        loopback can keep UCX on loopback too.
+
+        Raises:
+            Unavailable: UCX refuses the options, or this process is a forked child of
+                one that started ucxrpc.
+        """
         if self._state == "running":
             return self
         if self._state == "forked" or Runtime._inherited:
             raise Unavailable(FORKED)
         if self._state != "new":
             raise Unavailable("this manager has been shut down")
-        loop = asyncio.get_running_loop()
-        cfg = self.config
-        unified = cfg.ucx_options.get("UNIFIED_MODE", os.environ.get("UCX_UNIFIED_MODE", "n"))
+        unified = self.config.ucx_options.get(
+            "UNIFIED_MODE", os.environ.get("UCX_UNIFIED_MODE", "n")
+        )
         if unified.strip().lower() in ("y", "yes", "1", "on", "true"):
             # Its worker addresses are packed differently: peers' addresses could not be
             # validated before UCX reads them.
             raise Unavailable("UCX_UNIFIED_MODE is not supported by ucxrpc")
+        self._loop = asyncio.get_running_loop()
+        if not self._confinable():
+            self._state = "running"
+            try:
+                self._create(confined=False)
+            except BaseException:
+                self._state = "new"
+                raise
+            return self
+        # UCX starts on first use: its options are checked now all the same.
         try:
-            self._ctx = lib.UCXContext(_ucx_options(cfg), (lib.Feature.TAG, lib.Feature.WAKEUP))
+            opts = _ucx_options(self.config).items()
+            lib.UCXConfig({k.encode(): v.encode() for k, v in opts})
+        except Exception as exc:
+            raise self._refused(exc) from None
+        self._state = "running"
+        return self
+
+    def _refused(self, exc: Exception) -> Unavailable:
+        opts = ", ".join(f"UCX_{k}={v}" for k, v in self.config.ucx_options.items()) or "none"
+        return Unavailable(
+            f"cannot initialise UCX: {exc} (ucx_options: {opts}; `ucxrpc info` or "
+            "`ucx_info -c` lists the valid ones)"
+        )
+
+    def _confinable(self) -> bool:
+        # The user chose the devices: theirs, at once.
+        return "NET_DEVICES" not in self.config.ucx_options and "UCX_NET_DEVICES" not in (
+            os.environ
+        )
+
+    def prepare(self, host: str | None) -> None:
+        """Make the UCX context and worker, if not made yet, for traffic with ``host``.
+
+        The first server or connection decides: on loopback (127.0.0.0/8, ::1,
+        localhost) UCX uses the loopback device only (``NET_DEVICES=lo``; shared
+        memory is not a network device), so nothing of this process listens beyond
+        this host; anywhere else, every device. ``None`` (use not tied to a host) makes
+        it with every device.
+
+        Raises:
+            Unavailable: UCX cannot start, or UCX is confined to loopback and ``host``
+                is not on it.
+        """
+        if self._state != "running":
+            raise Unavailable(FORKED if self._state == "forked" else "the manager is not running")
+        if self._worker is None:
+            self._create(confined=host is not None and is_loopback(host) and self._confinable())
+        elif self._confined and host is not None and not is_loopback(host):
+            raise Unavailable(
+                f"this manager's UCX traffic is kept on loopback (its first server or "
+                f"connection was on loopback), so it cannot reach {host}: set "
+                "ucx_options={'NET_DEVICES': 'all'} (or UCXRPC_UCX_OPTIONS) to use every "
+                "network device from the start"
+            )
+
+    @property
+    def confined(self) -> bool:
+        """Whether UCX was kept on the loopback device (see :meth:`prepare`)."""
+        return self._confined
+
+    def _create(self, confined: bool) -> None:
+        cfg = self.config
+        options = _ucx_options(cfg)
+        if confined:
+            options["NET_DEVICES"] = LOOPBACK_DEVICE
+        try:
+            self._ctx = lib.UCXContext(options, (lib.Feature.TAG, lib.Feature.WAKEUP))
             self._worker = lib.UCXWorker(self._ctx)
             self._worker.init_blocking_progress_mode()
         except Exception as exc:
             self._ctx = self._worker = None
-            opts = ", ".join(f"UCX_{k}={v}" for k, v in cfg.ucx_options.items()) or "none"
-            raise Unavailable(
-                f"cannot initialise UCX: {exc} (ucx_options: {opts}; `ucxrpc info` or "
-                "`ucx_info -c` lists the valid ones)"
-            ) from None
+            raise self._refused(exc) from None
+        assert self._loop is not None
         self._engine = Engine(
             self._worker,
-            loop,
+            self._loop,
             mode=cfg.progress_mode,
             spin=cfg.spin_us / 1e6,
             reply_spin=max(cfg.spin_us, cfg.reply_spin_us) / 1e6,
             router=self,
             junk_limit=max(cfg.max_message_size, 256 << 20),
         )
-        self._state = "running"
+        self._confined = confined
         Runtime._started.add(self)
         Runtime._initialised = True
-        return self
 
     async def __aenter__(self) -> Runtime:
         return await self.start()
@@ -150,8 +234,8 @@ class Runtime:
             await closer(grace)
         self._owned.clear()
         engine = self._engine
-        assert engine is not None
-        self._leftover = engine.close()
+        if engine is not None:  # None: UCX was never needed
+            self._leftover = engine.close()
         if self._executor is not None:
             await _retire(self._executor, THREAD_WAIT)
             self._executor = None
@@ -167,7 +251,10 @@ class Runtime:
     @property
     def engine(self) -> Engine:
         """The progress engine (raises when the manager is not running)."""
-        if self._engine is None or self._state != "running":
+        if self._engine is None:
+            self.prepare(None)
+        assert self._engine is not None
+        if self._state != "running":
             raise Unavailable(FORKED if self._state == "forked" else "the manager is not running")
         return self._engine
 
@@ -199,6 +286,7 @@ class Runtime:
             Unavailable: UCX cannot reach it.
         """
         validate_worker_address(address)
+        self.engine  # noqa: B018 - makes the worker if it is not made yet
         try:
             addr = lib.UCXAddress.create_from_buffer(address)
             return self._worker.create_endpoint_from_worker_address(
@@ -391,6 +479,21 @@ def _ucx_options(cfg: Config) -> dict[str, str]:
     if not cfg.peer_error_handling and "TLS" not in options and "UCX_TLS" not in os.environ:
         options["TLS"] = "^cma"
     return options
+
+
+#: The network device UCX keeps to when confined to loopback.
+LOOPBACK_DEVICE: Final = "lo"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    name = host.strip().lower()
+    if name in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(name.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve beyond this machine
 
 
 #: Why a forked child cannot use what its parent started.

@@ -267,6 +267,7 @@ class Worker:
         if self._listener is not None:
             raise RuntimeError("the worker is already listening")
         await self.manager.start()
+        self.manager.prepare(host)
         try:
             self._listener = await asyncio.start_server(self._accept, host, port)
         except OSError as exc:
@@ -330,6 +331,7 @@ class Worker:
             Unauthenticated: The peer refused the credentials.
         """
         await self.manager.start()
+        self.manager.prepare(host)
         limit = self.manager.config.connect_timeout if timeout is None else timeout
         peer: _Peer | None = None
         try:
