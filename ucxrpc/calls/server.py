@@ -84,6 +84,8 @@ class Server:
         self._tcp: asyncio.Server | None = None
         self._conns: set[_ServerConn] = set()
         self._accepting: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
+        # The accepted connections whose handshake has not ended, oldest first.
+        self._handshaking: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self._stopped: asyncio.Event | None = None
         self._draining = False
         self._port = 0
@@ -328,11 +330,19 @@ class Server:
         task = asyncio.current_task()
         assert task is not None
         self._accepting[task] = writer
+        self._handshaking[task] = writer
+        assert self._manager is not None
+        if len(self._handshaking) > self._manager.config.max_handshakes:
+            # Memory before authentication stays bounded, and a flood of stalled
+            # handshakes cannot lock good clients out: the oldest one goes.
+            oldest = next(iter(self._handshaking))
+            self._handshaking.pop(oldest).transport.abort()
         try:
             await self._serve_connection(reader, writer)
         except asyncio.CancelledError:
             pass  # stop() gave up waiting; the task must still end normally
         finally:
+            self._handshaking.pop(task, None)
             writer.close()
             try:
                 await writer.wait_closed()
@@ -358,9 +368,13 @@ class Server:
 
         key = secrets.token_bytes(KEY_SIZE)
         try:
-            if await answer(
+            done = await answer(
                 reader, writer, manager.config, manager.worker_address, open_conn, key=key
-            ):
+            )
+            task = asyncio.current_task()
+            if task is not None:
+                self._handshaking.pop(task, None)  # past it: no longer counted
+            if done:
                 await serve_control(reader, writer)
         except RpcError as exc:
             refuse(writer, exc)

@@ -105,6 +105,13 @@ class Config(BaseSettings):
         1024, gt=0, description="calls in flight per connection (client waits, server refuses)"
     )
     connect_timeout: float = Field(10.0, gt=0, description="seconds to set up a connection")
+    max_handshakes: int = Field(
+        256,
+        ge=1,
+        description="control connections a server holds before their handshake ends; one "
+        "more closes the oldest (a good client's handshake takes milliseconds, so the "
+        "oldest is the likeliest to be stalled)",
+    )
     auth_token: SecretStr | None = Field(None, description="shared secret for connections")
     reply_slot_size: int = Field(
         4096,

@@ -462,6 +462,8 @@ async def serve_control(reader: asyncio.StreamReader, writer: asyncio.StreamWrit
         if msg.get("t") == "ping":
             beat = msg.get("n")
             write_message(writer, {"t": "pong", "n": beat if type(beat) is int else None})
+            # A peer that pings and never reads must not grow this side's buffer.
+            await writer.drain()
 
 
 async def initiate_handshake(

@@ -242,6 +242,8 @@ class Worker:
         self._inbox = Inbox(self.config.max_queued)
         self._gate = PriorityLimiter(self.config.send_window)
         self._listener: asyncio.Server | None = None
+        # Accepted connections whose handshake has not ended, oldest first (capped).
+        self._handshaking: dict[asyncio.StreamWriter, None] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
         self._sent = [0, 0]  # messages, bytes
@@ -310,17 +312,25 @@ class Worker:
             )
             return link.local_id
 
+        self._handshaking[writer] = None
+        if len(self._handshaking) > manager.config.max_handshakes:
+            oldest = next(iter(self._handshaking))  # see Config.max_handshakes
+            del self._handshaking[oldest]
+            oldest.transport.abort()
         clean = False
         try:
-            if await answer(
+            done = await answer(
                 reader, writer, manager.config, manager.worker_address, open_conn, key=key
-            ):
+            )
+            self._handshaking.pop(writer, None)
+            if done:
                 clean = await serve_control(reader, writer)
         except RpcError as exc:
             refuse(writer, exc)
         except (TimeoutError, ConnectionError):
             pass
         finally:
+            self._handshaking.pop(writer, None)
             await self._detach(peer, lost=not clean)
 
     async def connect(self, host: str, port: int, *, timeout: float | None = None) -> int:
