@@ -184,6 +184,25 @@ class Flags(enum.IntFlag):
 _KIND_BY_VALUE: Final = {int(k): k for k in Kind}
 _packb = msgpack.packb
 _unpackb = msgpack.unpackb
+
+# Explicit unpack limits where a message is small by contract (msgpack's defaults are
+# the input's length: bounded, but only by it). A control message (the hello comes
+# before authentication) is a map of a few fields; a frame header is an array of five
+# fields, of at most MAX_HEADER_SIZE bytes.
+_CONTROL_LIMITS: Final = {
+    "max_str_len": 65536,
+    "max_bin_len": 65536,
+    "max_array_len": 256,
+    "max_map_len": 256,
+    "max_ext_len": 0,
+}
+_HEADER_LIMITS: Final = {
+    "max_str_len": 32768,
+    "max_bin_len": 32768,
+    "max_array_len": 4096,
+    "max_map_len": 4096,
+    "max_ext_len": 0,
+}
 _pack_prefix = _PREFIX.pack
 _unpack_prefix = _PREFIX.unpack_from
 _KNOWN_FLAGS: Final = int(Flags.PAYLOAD_OOB | Flags.INPUT_STREAM | Flags.SHARED_PARTS)
@@ -637,7 +656,7 @@ def decode_header(
     if kind_enum is Kind.BATCH:
         return Header(kind_enum, call_id, seq=seq), memoryview(buf)[end:total]
     try:
-        fields = _unpackb(buf[PREFIX_SIZE:end])
+        fields = _unpackb(buf[PREFIX_SIZE:end], **_HEADER_LIMITS)
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"malformed frame header: {exc}") from None
     if type(fields) is not list or len(fields) != 5:
@@ -783,7 +802,7 @@ def decode_control(body: bytes) -> dict[str, Any]:
         ProtocolError: The body is not a msgpack map.
     """
     try:
-        obj = msgpack.unpackb(body)
+        obj = msgpack.unpackb(body, **_CONTROL_LIMITS)
     except Exception as exc:
         raise ProtocolError(f"malformed control message: {exc}") from None
     if type(obj) is not dict:
