@@ -110,8 +110,11 @@ def jsonable(value: Any) -> Any:
     return repr(value)
 
 
-def load_config() -> Any:
+def load_config(*, connect_timeout: float | None = None) -> Any:
     """The effective :class:`~ucxrpc.Config` (from ``UCXRPC_*``).
+
+    Args:
+        connect_timeout: Overrides ``connect_timeout`` (``--connect-timeout``).
 
     Raises:
         CliError: An environment variable holds an invalid value.
@@ -121,11 +124,15 @@ def load_config() -> Any:
     from . import Config
 
     try:
-        return Config()
+        config = Config()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
         raise CliError(f"invalid configuration: UCXRPC_{field.upper()}: {first['msg']}") from None
+    if connect_timeout is not None:
+        # Each handshake read waits config.connect_timeout too: both must say the same.
+        config = config.model_copy(update={"connect_timeout": connect_timeout})
+    return config
 
 
 def run_command(main: Coroutine[Any, Any, T]) -> T:

@@ -4,17 +4,45 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
+from . import __version__
 from ._cli_common import CliError, console, fail, jsonable, run_command
 
 __all__ = ["app", "main"]
 
+_CONNECT_TIMEOUT_HELP = "seconds to wait for the connection (default: UCXRPC_CONNECT_TIMEOUT, 10)"
+
+
+def _blank_flag_types(command: Any, ctx: Any) -> None:
+    # typer prints a type next to every option, <bool> next to flags and --help too:
+    # an empty metavar leaves the column blank for flags.
+    for param in command.get_params(ctx):
+        if getattr(param, "is_flag", False) and getattr(param, "metavar", "") is None:
+            param.metavar = ""
+
+
+class _Group(TyperGroup):
+    """The command group: help without types next to flags."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            _blank_flag_types(command, ctx)
+        return command
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        _blank_flag_types(self, ctx)
+        super().format_help(ctx, formatter)
+
+
 app = typer.Typer(
     name="ucxrpc",
+    cls=_Group,
     help="asyncio RPC over UCX tag messaging.",
     no_args_is_help=True,
     add_completion=False,
@@ -22,8 +50,25 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"ucxrpc {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            "-V",
+            callback=_print_version,
+            is_eager=True,
+            help="print the version and exit",
+        ),
+    ] = False,
+) -> None:
     """asyncio RPC over UCX tag messaging."""
 
 
@@ -91,7 +136,7 @@ def call(
     args: Annotated[
         list[str] | None,
         typer.Argument(
-            metavar="[ARG]...",
+            metavar="ARG",
             help="positional arguments: JSON if they parse as JSON, else strings",
         ),
     ] = None,
@@ -106,6 +151,9 @@ def call(
     metadata: Annotated[
         list[str] | None, typer.Option("--metadata", "-m", help="KEY=VALUE, repeatable")
     ] = None,
+    connect_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help=_CONNECT_TIMEOUT_HELP)
+    ] = None,
 ) -> None:
     """Call a method and print its result as JSON (a stream: one item per line)."""
     from ._cli_call import call as run_call
@@ -119,6 +167,7 @@ def call(
             timeout=timeout,
             priority=priority,
             metadata=metadata or [],
+            connect_timeout=connect_timeout,
         )
     )
 
@@ -131,11 +180,26 @@ def list_(
         bool, typer.Option("--json", help="print the server's description as JSON")
     ] = False,
     timeout: Annotated[float, typer.Option(min=0, help="seconds to wait for the answer")] = 10.0,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="one column per attribute, however wide")
+    ] = False,
+    connect_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help=_CONNECT_TIMEOUT_HELP)
+    ] = None,
 ) -> None:
     """List the methods a server serves, with their parameters and result types."""
     from ._cli_call import list_methods
 
-    run_command(list_methods(address, schemas=schemas, as_json=as_json, timeout=timeout))
+    run_command(
+        list_methods(
+            address,
+            schemas=schemas,
+            as_json=as_json,
+            timeout=timeout,
+            wide=wide,
+            connect_timeout=connect_timeout,
+        )
+    )
 
 
 @app.command()
@@ -251,7 +315,9 @@ def main() -> None:
             raise
         text = message()
         if text:
-            print(f"error: {text} (see 'ucxrpc --help')", file=sys.stderr)
+            ctx = getattr(exc, "ctx", None)
+            where = getattr(ctx, "command_path", None) or "ucxrpc"
+            print(f"error: {text} (see '{where} --help')", file=sys.stderr)
         raise SystemExit(exit_code) from None
     if isinstance(code, int) and code:
         raise SystemExit(code)

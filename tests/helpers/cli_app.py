@@ -90,3 +90,8 @@ async def hold(marker: str, seconds: float) -> str:
     await asyncio.to_thread(Path(marker).touch)
     await asyncio.sleep(seconds)
     return "DONE"
+
+
+@server.rpc
+async def no_result() -> None:
+    """Return nothing."""
