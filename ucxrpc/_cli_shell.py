@@ -1,26 +1,57 @@
-"""``ucxrpc shell``: an interactive tool over the tag-messaging layer (:mod:`ucxrpc.transport`).
+"""``ucxrpc shell``: an interactive tool for an RPC server or a messaging endpoint.
+
+Against an RPC server it offers ``call``, ``stream``, ``list`` and ``describe`` (like an
+interactive grpcurl); against a messaging endpoint (:mod:`ucxrpc.transport`) the tag
+commands: ``send``, ``receive``, ``broadcast``, ``benchmark``... The kind is found by
+the handshake: an RPC connection first, and a messaging one when the peer answers
+that it is a messaging endpoint.
 
 Commands are read from stdin, one per line (with readline editing and history when
-stdin is a terminal). A bad command prints one line and the session goes on.
+stdin is a terminal). A bad command prints one line and the session goes on; Ctrl-C
+cancels the running command (or the line being typed) and Ctrl-D ends the session.
+
+The connections live on an event loop in a second thread, and the main thread reads
+the commands: there Ctrl-C arrives as :class:`KeyboardInterrupt`, in the middle of
+``input()`` or of the wait for a command, and cancels only that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import select
+import shlex
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
-from . import Manager, RpcError
-from ._cli_common import CliError, format_address, load_config, one_line, parse_address
+from . import Client, Manager, MethodNotFound, RpcError, ServerDescription
+from ._cli_call import (
+    build_arguments,
+    call_method,
+    open_client,
+    parse_metadata,
+    parse_priority,
+    print_methods,
+    print_value,
+)
+from ._cli_common import CliError, console, format_address, load_config, one_line, parse_address
 
 if TYPE_CHECKING:
     from .messaging.worker import Worker
 
-__all__ = ["HELP", "BENCHMARK_TAG", "Shell", "run_shell"]
+__all__ = [
+    "BENCHMARK_TAG",
+    "HELP",
+    "RPC_HELP",
+    "RpcShell",
+    "Shell",
+    "ShellError",
+    "run_shell",
+]
 
 #: The tag ``benchmark`` sends its ECHO messages on.
 BENCHMARK_TAG = 0xBE7C
@@ -40,8 +71,24 @@ commands:
   stats                          messages, bytes, throughput and rate so far
   benchmark ID [COUNT] [SIZE]    COUNT round trips of ECHO:<SIZE bytes> (default 1000, 64)
   help                           this text
-  quit | exit                    leave (so does end of input)
-TAGs are integers from 0 to 2**32 - 1 (0x.. for hex)."""
+  quit | exit                    leave (so do Ctrl-D and end of input)
+TAGs are integers from 0 to 2**32 - 1 (0x.. for hex). Ctrl-C cancels a command."""
+
+RPC_HELP = """\
+commands:
+  call METHOD [ARG]... [OPTIONS]    call a method and print its result as JSON
+                                    (a streaming method: one item per line)
+  stream METHOD [ARG]... [OPTIONS]  the same, as a server stream
+  list [--wide]                     the server's methods
+  describe [METHOD]                 a method's signature, attributes and JSON
+                                    Schemas (no METHOD: the whole description)
+  help                              this text
+  quit | exit                       leave (so do Ctrl-D and end of input)
+ARGs are JSON if they parse as JSON, else strings; quote them as in a shell
+('hello world', '{"x": 1}'). OPTIONS: --json JSON (keyword arguments as an
+object, or positional ones as an array), --timeout S, --priority P (high,
+normal, low or an integer), -m KEY=VALUE (metadata, repeatable).
+Ctrl-C cancels the running command."""
 
 
 class ShellError(Exception):
@@ -87,6 +134,8 @@ class Shell:
         worker: The worker to drive.
         write: Where output lines go.
     """
+
+    prompt = "ucx> "
 
     def __init__(self, worker: Worker, write: Callable[[str], None]) -> None:
         self.worker = worker
@@ -178,7 +227,8 @@ class Shell:
         tag, data = _tag(args[0]), args[1].encode()
         results = await self.worker.broadcast_tag(tag, data)
         failed = {ep: exc for ep, exc in results.items() if exc is not None}
-        line = f"broadcast {len(data)} bytes on tag {tag} to {len(results)} endpoints"
+        n = len(results)
+        line = f"broadcast {len(data)} bytes on tag {tag} to {n} endpoint{'' if n == 1 else 's'}"
         if failed:
             line += "; failed: " + ", ".join(f"{ep}: {exc}" for ep, exc in failed.items())
         self.write(line)
@@ -236,15 +286,150 @@ class Shell:
         self.write(HELP)
 
 
-class _Input:
-    """Lines from stdin without blocking the event loop.
+class _Commands(Protocol):
+    """What the read loop drives: :class:`Shell` or :class:`RpcShell`."""
 
-    Each line is read by a daemon thread, so a read still pending when the shell ends
-    (Ctrl-C, an error) does not keep the process alive.
+    prompt: str
+
+    async def execute(self, line: str) -> bool: ...
+
+
+class RpcShell:
+    """The commands of ``ucxrpc shell`` against an RPC server.
+
+    Args:
+        client: The connected client.
+        address: ``HOST:PORT``, for titles.
+        description: What the server serves (None: it does not describe itself).
+    """
+
+    prompt = "rpc> "
+
+    def __init__(self, client: Client, address: str, description: ServerDescription | None) -> None:
+        self.client = client
+        self.address = address
+        self.description = description
+
+    async def execute(self, line: str) -> bool:
+        """Run one command line; False once the user asked to leave.
+
+        Raises:
+            ShellError: Bad input; the message says what was wrong.
+            CliError: Bad arguments (as ``ucxrpc call`` says them).
+            RpcError: The call failed.
+        """
+        try:
+            words = shlex.split(line, comments=True)
+        except ValueError as exc:
+            raise ShellError(f"cannot split the line: {exc}") from None
+        if not words:
+            return True
+        name, args = words[0].lower(), words[1:]
+        if name in ("quit", "exit"):
+            return False
+        if name in ("call", "stream"):
+            await self.call(args, stream=name == "stream")
+        elif name == "list":
+            if args not in ([], ["--wide"]):
+                raise ShellError("usage: list [--wide]")
+            await self.list(wide=bool(args))
+        elif name == "describe":
+            if len(args) > 1:
+                raise ShellError("usage: describe [METHOD]")
+            await self.describe(args[0] if args else None)
+        elif name == "help":
+            _say(RPC_HELP)
+        else:
+            raise ShellError(f"unknown command {words[0]!r} (try 'help')")
+        return True
+
+    async def call(self, args: list[str], *, stream: bool) -> None:
+        """``call METHOD [ARG]... [OPTIONS]`` (or ``stream``)."""
+        options: dict[str, list[str]] = {"--json": [], "--timeout": [], "--priority": [], "-m": []}
+        aliases = {"--metadata": "-m"}
+        positional: list[str] = []
+        rest = iter(args)
+        for word in rest:
+            if word == "--":
+                positional.extend(rest)
+                break
+            key = aliases.get(word, word)
+            if key in options:
+                value = next(rest, None)
+                if value is None:
+                    raise ShellError(f"{word} needs a value")
+                options[key].append(value)
+            elif word.startswith("--") and len(word) > 2:
+                raise ShellError(f"unknown option {word!r} (try 'help')")
+            else:
+                positional.append(word)
+        if not positional:
+            raise ShellError(f"usage: {'stream' if stream else 'call'} METHOD [ARG]... [OPTIONS]")
+        method, call_args = positional[0], positional[1:]
+        for key in ("--json", "--timeout", "--priority"):
+            if len(options[key]) > 1:
+                raise ShellError(f"{key} given twice")
+        json_text = options["--json"][0] if options["--json"] else None
+        timeout: float | None = None
+        if options["--timeout"]:
+            timeout = _float(options["--timeout"][0], "--timeout")
+        priority = parse_priority(options["--priority"][0] if options["--priority"] else None)
+        metadata = parse_metadata(options["-m"])
+        positional_values, keywords = build_arguments(call_args, json_text)
+        info = self.description.get(method) if self.description is not None else None
+        names = self.description.names if self.description is not None else []
+        await call_method(
+            self.client, method, positional_values, keywords,
+            kind=None if info is None else info.kind, names=names, timeout=timeout,
+            priority=priority, metadata=metadata, stream=stream,
+        )  # fmt: skip
+
+    async def _describe(self) -> ServerDescription:
+        self.description = await self.client.describe()
+        return self.description
+
+    async def list(self, *, wide: bool) -> None:
+        """``list [--wide]``: asks the server again (it may have changed)."""
+        description = await self._describe()
+        title = f"{self.address} (ucxrpc {description.version})"
+        print_methods(description, title, wide=wide, schemas=False)
+
+    async def describe(self, method: str | None) -> None:
+        """``describe [METHOD]``."""
+        description = await self._describe()
+        if method is None:
+            print_value(description.model_dump(mode="json"))
+            return
+        info = description.get(method)
+        if info is None:
+            import difflib
+
+            close = difflib.get_close_matches(method, description.names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ShellError(f"the server has no method {method!r}{hint}")
+        from rich.text import Text
+
+        from ._cli_call import narrow_table
+
+        console.print(narrow_table(ServerDescription(version=description.version, methods=[info])))
+        doc = info.doc.strip()
+        if "\n" in doc:  # the table shows its first line
+            console.print(Text(doc))
+        print_value({"params": info.params, "result": info.result})
+
+
+class _Input:
+    """Lines from stdin, read on the main thread (where Ctrl-C raises KeyboardInterrupt).
+
+    On a terminal, what is typed while a command runs is read too (:meth:`take`):
+    lines typed ahead run next, and Ctrl-D ends the session once the command is done
+    (the terminal would drop it when readline takes over again).
     """
 
     def __init__(self) -> None:
         self.tty = sys.stdin.isatty()
+        self.pending: list[str] = []
+        self.eof = False
         if self.tty:
             try:
                 import readline
@@ -265,29 +450,37 @@ class _Input:
             except (ImportError, OSError):
                 pass
 
-    async def line(self, prompt: str) -> str | None:
-        """The next line without its newline; None at end of input."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str | None] = loop.create_future()
+    def watched(self) -> int | None:
+        """The descriptor to read from while a command runs (terminals only)."""
+        return sys.stdin.fileno() if self.tty and not self.eof else None
 
-        def deliver(value: str | None) -> None:
-            if not fut.done():
-                fut.set_result(value)
+    def take(self) -> None:
+        """Read what was typed while a command ran (a line, or Ctrl-D)."""
+        data = os.read(sys.stdin.fileno(), 65536)
+        if not data:
+            self.eof = True
+            return
+        text = data.decode(errors="replace")
+        self.pending.extend(text.splitlines())
 
-        def read() -> None:
-            value: str | None
+    def line(self, prompt: str) -> str | None:
+        """The next line without its newline; None at end of input.
+
+        Raises:
+            KeyboardInterrupt: Ctrl-C while the line was typed.
+        """
+        if self.pending:
+            return self.pending.pop(0)
+        if self.eof:
+            return None
+        if self.tty:
             try:
-                if self.tty:
-                    value = input(prompt)
-                else:
-                    text = sys.stdin.readline()
-                    value = text.rstrip("\r\n") if text else None
+                return input(prompt)
             except EOFError:
-                value = None
-            loop.call_soon_threadsafe(deliver, value)
-
-        threading.Thread(target=read, name="ucxrpc-shell-input", daemon=True).start()
-        return await fut
+                print(flush=True)  # end the prompt's line: the terminal's prompt follows
+                return None
+        text = sys.stdin.readline()
+        return text.rstrip("\r\n") if text else None
 
 
 def _say(line: str) -> None:
@@ -300,37 +493,200 @@ def _complain(message: str) -> None:
     sys.stderr.flush()
 
 
-async def run_shell(address: str) -> None:
-    """Connect to ``HOST:PORT`` and run commands from stdin until quit or end of input.
+#: Seconds a cancelled command may take to unwind before the prompt comes back anyway.
+CANCEL_WAIT = 5.0
+#: Seconds between checks for Ctrl-C while a command runs (signals reach the main
+#: thread only when it runs Python code).
+_POLL = 0.1
 
-    Raises:
-        CliError: ``address`` is malformed.
-        RpcError: The first connection failed.
+
+class _Session:
+    """The connection and its event loop, in a thread of their own."""
+
+    def __init__(self, address: str, connect_timeout: float | None) -> None:
+        self.address = address
+        self.connect_timeout = connect_timeout
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.commands: _Commands | None = None
+        self._ready: concurrent.futures.Future[_Commands] = concurrent.futures.Future()
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="ucxrpc-shell-loop", daemon=True)
+        self._error: BaseException | None = None
+        # Written when a command ends: the main thread waits on it and on stdin at once.
+        self._wake_r, self._wake_w = os.pipe()
+
+    def start(self) -> _Commands:
+        """Connect; returns the commands for the kind of peer found.
+
+        Raises:
+            CliError: The address is malformed or the peer does not speak ucxrpc.
+            RpcError: The connection failed.
+        """
+        self._thread.start()
+        while True:
+            done, _ = concurrent.futures.wait([self._ready], timeout=_POLL)
+            if done:
+                self.commands = self._ready.result()
+                return self.commands
+
+    def _run(self) -> None:
+        from . import run
+
+        try:
+            run(self._main())
+        except BaseException as exc:  # reported by start() or close()
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            else:
+                self._error = exc
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        config = load_config(connect_timeout=self.connect_timeout)
+        async with Manager(config) as manager:
+            commands, close = await _open(manager, self.address)
+            try:
+                self._ready.set_result(commands)
+                await self._stop.wait()
+            finally:
+                await close()
+
+    def run(self, coro: Coroutine[Any, Any, bool], stdin: _Input) -> bool:
+        """Run one command on the loop and wait for it; Ctrl-C cancels it.
+
+        Raises:
+            KeyboardInterrupt: The command was cancelled (it has ended, or
+                :data:`CANCEL_WAIT` passed).
+        """
+        assert self.loop is not None
+        finished = threading.Event()
+        wake = self._wake_w
+
+        async def command() -> bool:
+            try:
+                return await coro
+            finally:
+                finished.set()
+                os.write(wake, b"!")
+
+        future = asyncio.run_coroutine_threadsafe(command(), self.loop)
+        try:
+            while not finished.is_set():
+                fd = stdin.watched()
+                fds = [self._wake_r] if fd is None else [self._wake_r, fd]
+                ready, _, _ = select.select(fds, [], [], _POLL)
+                if self._wake_r in ready:
+                    os.read(self._wake_r, 64)
+                if fd is not None and fd in ready:
+                    stdin.take()
+        except KeyboardInterrupt:
+            future.cancel()
+            deadline = time.monotonic() + CANCEL_WAIT
+            while not finished.is_set() and time.monotonic() < deadline:
+                try:
+                    finished.wait(_POLL)
+                except KeyboardInterrupt:
+                    break  # a second Ctrl-C: stop waiting for it
+            raise
+        concurrent.futures.wait([future], timeout=CANCEL_WAIT)
+        return future.result()
+
+    def close(self) -> None:
+        """Close the connection and stop the loop (bounded)."""
+        loop, stop = self.loop, self._stop
+        if loop is not None and stop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(stop.set)
+            except RuntimeError:
+                pass  # the loop has already ended
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+
+
+async def _open(manager: Manager, address: str) -> tuple[_Commands, Callable[[], Awaitable[None]]]:
+    """Connect to ``address`` as an RPC client, or as a messaging endpoint if it is one.
+
+    Returns:
+        The commands for that kind of peer and how to close the connection.
     """
+    try:
+        client = await open_client(manager, address)
+    except MethodNotFound:  # the peer says it is a messaging endpoint, not an RPC server
+        return await _open_messaging(manager, address)
+    try:
+        description: ServerDescription | None = await client.describe()
+    except RpcError:
+        description = None  # a server that does not describe itself: call still works
+    methods = "" if description is None else f", {len(description.methods)} methods"
+    version = "" if description is None else f" {description.version}"
+    _say(f"connected to {address}: ucxrpc server{version}{methods}")
+    return RpcShell(client, address, description), client.close
+
+
+async def _open_messaging(
+    manager: Manager, address: str
+) -> tuple[_Commands, Callable[[], Awaitable[None]]]:
     from .messaging.worker import Worker, WorkerConfig
 
     host, port = parse_address(address)
-    async with Manager(load_config()) as manager:
-        worker = Worker(WorkerConfig(), manager=manager)
+    worker = Worker(WorkerConfig(), manager=manager)
+    shell = Shell(worker, _say)
+    try:
+        await shell.connect([format_address(host, port)])
+    except (OSError, TimeoutError) as exc:  # RpcErrors already say where
+        await worker.close_all()
+        raise CliError(f"cannot connect to {address}: {exc}") from None
+    except BaseException:
+        await worker.close_all()
+        raise
+    return shell, worker.close_all
+
+
+def run_shell(address: str, *, connect_timeout: float | None = None) -> int:
+    """Connect to ``HOST:PORT`` and run commands from stdin until quit or end of input.
+
+    Returns:
+        The exit status: 0.
+
+    Raises:
+        CliError: ``address`` is malformed, or the peer does not speak ucxrpc.
+        RpcError: The first connection failed.
+    """
+    parse_address(address)
+    session = _Session(address, connect_timeout)
+    try:
+        commands = session.start()
+        stdin = _Input()
+        if stdin.tty:
+            _say("type 'help' for the commands; Ctrl-C cancels one, Ctrl-D leaves")
         try:
-            shell = Shell(worker, _say)
-            try:
-                await shell.connect([format_address(host, port)])
-            except (OSError, TimeoutError) as exc:  # RpcErrors already say where
-                raise CliError(f"cannot connect to {address}: {exc}") from None
-            stdin = _Input()
-            if stdin.tty:
-                _say("type 'help' for the commands")
-            try:
-                while (line := await stdin.line("ucx> ")) is not None:
-                    try:
-                        if not await shell.execute(line):
-                            break
-                    except (ShellError, RpcError) as exc:
-                        _complain(str(exc))
-                    except Exception as exc:  # one failed command must not end the session
-                        _complain(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))
-            finally:
-                stdin.save()
+            _loop(session, commands, stdin)
         finally:
-            await worker.close_all()
+            stdin.save()
+    finally:
+        session.close()
+    return 0
+
+
+def _loop(session: _Session, commands: _Commands, stdin: _Input) -> None:
+    prompt = commands.prompt if stdin.tty else ""
+    while True:
+        try:
+            line = stdin.line(prompt)
+        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line typed so far
+            print(flush=True)
+            continue
+        if line is None:
+            return
+        try:
+            if not session.run(commands.execute(line), stdin):
+                return
+        except KeyboardInterrupt:
+            _complain("cancelled")
+        except (ShellError, CliError, RpcError) as exc:
+            _complain(str(exc))
+        except Exception as exc:  # one failed command must not end the session
+            _complain(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))

@@ -275,11 +275,22 @@ def bench(
 
 
 @app.command()
-def shell(address: Annotated[str, typer.Argument(metavar="HOST:PORT")]) -> None:
-    """Interactive tag messaging (ucxrpc.transport): connect, send, receive, broadcast."""
+def shell(
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    connect_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help=_CONNECT_TIMEOUT_HELP)
+    ] = None,
+) -> None:
+    """Interactive: call, stream, list on an RPC server; send, receive on a messaging peer."""
+    from . import RpcError
     from ._cli_shell import run_shell
 
-    run_command(run_shell(address))
+    try:
+        raise typer.Exit(run_shell(address, connect_timeout=connect_timeout))
+    except (CliError, RpcError) as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
 
 
 @app.command()

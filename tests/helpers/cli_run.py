@@ -138,3 +138,82 @@ def tcp_peer(greeting: bytes | None) -> Iterator[str]:
 
 def elapsed(start: float) -> float:
     return time.monotonic() - start
+
+
+#: Runs a command as the leader of a new session whose controlling terminal is its
+#: stdin (a pty): Ctrl-C typed there then reaches it as SIGINT, as in a terminal.
+_ON_A_TERMINAL = (
+    "import os, sys; os.setsid(); os.close(os.open(os.ttyname(0), os.O_RDWR)); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
+class Terminal:
+    """A command on a pseudo-terminal: type into it, read what it shows.
+
+    Args:
+        args: The command line.
+        env: More environment variables (``HOME`` for the shell's history file).
+    """
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ON_A_TERMINAL, *args],
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            cwd=ROOT,
+            env={**ENV, "TERM": "dumb", **(env or {})},
+        )
+        os.close(slave)
+        self.output = ""
+        self._seen = 0
+
+    def type(self, text: str) -> None:
+        """Type ``text`` (``\\x03`` is Ctrl-C, ``\\x04`` Ctrl-D)."""
+        os.write(self.master, text.encode())
+
+    def _read(self, timeout: float) -> bool:
+        ready, _, _ = select.select([self.master], [], [], timeout)
+        if not ready:
+            return False
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the command has exited and closed the terminal
+            return False
+        if not data:
+            return False
+        self.output += data.decode(errors="replace").replace("\r\n", "\n")
+        return True
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        """Wait until ``text`` shows after what earlier calls saw; returns the output
+        up to and including it."""
+        deadline = time.monotonic() + timeout
+        while True:
+            at = self.output.find(text, self._seen)
+            if at >= 0:
+                seen, self._seen = self._seen, at + len(text)
+                return self.output[seen : self._seen]
+            left = deadline - time.monotonic()
+            read = left > 0 and self._read(min(left, 0.5))
+            if not read and (left <= 0 or self.proc.poll() is not None):
+                raise AssertionError(f"{text!r} did not show; output so far:\n{self.output}")
+
+    def wait(self, timeout: float = 30.0) -> int:
+        """The exit status, the output drained."""
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
+            self._read(0.1)
+        while self._read(0.1):
+            pass
+        return self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        os.close(self.master)
