@@ -43,6 +43,8 @@ def test_typed_service() -> None:
         "  echo.v1.shout (unary)",
         "  echo.v1.summarize (unary)",
         "  ucxrpc.describe (unary)",
+        "  ucxrpc.health.check (unary)",
+        "  ucxrpc.health.watch (stream)",
     ]
 
 

@@ -56,7 +56,14 @@ async def test_describe_lists_methods_with_kinds_and_schemas(manager: ucxrpc.Man
     async with await manager.connect("127.0.0.1", server.port) as client:
         info = await client.describe()
     await server.stop()
-    assert info.names == ["jobs.v2.run", "jobs.v2.watch", "norm", "ucxrpc.describe"]
+    assert info.names == [
+        "jobs.v2.run",
+        "jobs.v2.watch",
+        "norm",
+        "ucxrpc.describe",
+        "ucxrpc.health.check",
+        "ucxrpc.health.watch",
+    ]
     assert info.version == ucxrpc.__version__
     run = info.get("jobs.v2.run")
     assert run is not None

@@ -31,7 +31,8 @@ async def test_name_defaults_and_duplicates() -> None:
     @server.rpc(name="beta", priority=Priority.HIGH, timeout=2.0)
     async def gamma() -> None: ...
 
-    assert set(server.handlers) == {"alpha", "beta", "ucxrpc.describe"}
+    builtin = {"ucxrpc.describe", "ucxrpc.health.check", "ucxrpc.health.watch"}
+    assert set(server.handlers) == {"alpha", "beta", *builtin}
     assert server.handlers["beta"].priority == Priority.HIGH
     assert server.handlers["beta"].timeout == 2.0
     with pytest.raises(ValueError, match="already registered"):

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from .batch import BatchCall, call_many, split_results
     from .calls.client import Client
     from .calls.context import CallContext, Metadata, current_call, current_deadline, time_remaining
+    from .calls.health import Health, HealthApi, HealthStatus
     from .calls.interceptors import (
         Interceptor,
         LoggingInterceptor,
@@ -62,6 +63,9 @@ __all__ = [
     "Config",
     "ConnectionLost",
     "DeadlineExceeded",
+    "Health",
+    "HealthApi",
+    "HealthStatus",
     "InsecureWarning",
     "Interceptor",
     "InvalidArgument",
@@ -118,6 +122,9 @@ _LAZY = {
     "Client": ".client",
     "ClientPool": ".pool",
     "Config": ".config",
+    "Health": ".calls.health",
+    "HealthApi": ".calls.health",
+    "HealthStatus": ".calls.health",
     "Interceptor": ".interceptors",
     "KeepAlive": ".liveness",
     "LoggingInterceptor": ".interceptors",

@@ -33,6 +33,7 @@ from ..wire import codec
 from ..wire.codec import Flags, Kind
 from .context import CallContext, enter
 from .handlers import Handler, Priority, make_handler
+from .health import HEALTH_METHODS, Health, health_methods
 from .interceptors import Interceptor, run_chain
 from .reflection import DESCRIBE_METHOD, describe
 from .service import Service, rpc_methods, rpc_options
@@ -78,6 +79,8 @@ class Server:
         self._handlers: dict[str, Handler] = {}
         self._interceptors: list[Interceptor] = list(interceptors)
         self._gone_bytes = [0, 0]  # sent, received by connections already closed
+        #: The serving status of the server and of its services (:class:`Health`).
+        self.health = Health()
         self._add_builtin_methods()
         self._limiter = PriorityLimiter(max_concurrency)
         self._manager: Runtime | None = None
@@ -194,6 +197,7 @@ class Server:
         clash = [d.wire_name for d in decls if d.wire_name in self._handlers]
         if clash:
             raise ValueError(f"methods already registered: {', '.join(clash)}")
+        self.health.add(type(service).__service_name__)
         handlers = []
         for decl in decls:
             impl = getattr(service, decl.attr)
@@ -220,6 +224,8 @@ class Server:
         self.add_handler(
             describe_server, name=DESCRIBE_METHOD, priority=Priority.HIGH, idempotent=True
         )
+        for method, func in health_methods(self.health):
+            self.add_handler(func, name=method, priority=Priority.HIGH, idempotent=True)
 
     @property
     def handlers(self) -> dict[str, Handler]:
@@ -250,6 +256,7 @@ class Server:
         self._manager = manager
         self._stopped = asyncio.Event()
         self._draining = False
+        self.health.resume()
         try:
             self._tcp = await asyncio.start_server(self._accept, host, port)
         except OSError as exc:
@@ -305,6 +312,7 @@ class Server:
             return
         tcp, self._tcp = self._tcp, None
         self._draining = True
+        self.health.shutdown()  # watches say NOT_SERVING and end: the grace is not spent on them
         tcp.close()
         tasks = [t for c in self._conns for t in (*c.calls.values(), *c.notes)]
         if tasks:
@@ -710,7 +718,7 @@ class _ServerConn:
     ) -> None:
         call_id = header.call_id
         notify = header.kind is Kind.NOTIFY
-        if self.server._draining:
+        if self.server._draining and header.method not in HEALTH_METHODS:
             if not notify:
                 self.reply_error(call_id, Unavailable("the server is shutting down"))
             return
