@@ -19,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import Client, RpcError, ServerDescription
-from ._cli_call import connect, type_name
+from ._cli_call import build_arguments, connect, type_name
 from ._cli_common import CliError, console, err_console
 
 __all__ = [
@@ -37,6 +37,10 @@ __all__ = [
 #: Latencies kept for percentiles; beyond this a uniform sample is kept (bounded memory).
 SAMPLE_CAP = 1_000_000
 DESCRIBE = "ucxrpc.describe"
+#: The method called without --method (and without --size).
+DEFAULT_METHOD = "ping"
+#: Seconds between progress bar updates: drawing it often costs calls.
+PROGRESS_EVERY = 0.2
 
 
 class Latencies:
@@ -116,37 +120,48 @@ def _takes_one_bytes(info: Any) -> bool:
 
 
 def pick_method(description: ServerDescription, method: str | None, size: int | None) -> str:
-    """The method to call: ``method`` if given (checked), else a fitting one.
+    """The method to call: ``method`` if given (checked), else the default.
 
-    With ``size``, the method must take one bytes argument (``echo``/``blob``-like);
-    without, it is called with no arguments (``ping``-like, else ``ucxrpc.describe``).
+    Without ``method``: with ``size``, a method taking one bytes argument (``echo`` or
+    ``blob`` first); else the method named ``ping``. Nothing else is guessed: a
+    method picked by its shape may fail or do harm (a user's ``boom``).
 
     Raises:
-        CliError: The method does not exist, streams, or none fits.
+        CliError: The method does not exist or streams, or there is no default; the
+            message names the method, or the methods there are.
     """
+    unary = [m.name for m in description.methods if m.kind == "unary" and m.name != DESCRIBE]
+    there = ", ".join(unary) or "none"
     if method is not None:
         info = description.get(method)
         if info is None:
-            raise CliError(f"the server has no method {method!r}")
+            raise CliError(f"the server has no method {method!r} (its unary methods: {there})")
         if info.kind != "unary":
             raise CliError(f"{method!r} is a streaming method; bench calls unary methods")
         return method
-    unary = [m for m in description.methods if m.kind == "unary" and m.name != DESCRIBE]
     if size is not None:
-        fits = [m for m in unary if _takes_one_bytes(m)]
-        fits.sort(key=lambda m: ("echo" not in m.name and "blob" not in m.name, m.name))
+        fits = [m for m in description.methods if m.kind == "unary" and _takes_one_bytes(m)]
+        fits.sort(key=lambda m: (m.name not in ("echo", "blob"), m.name))
         if not fits:
-            raise CliError("no method takes one bytes argument; name one with --method")
+            raise CliError(
+                f"no method takes one bytes argument for --size; name one with --method "
+                f"(the server has: {there})"
+            )
         return fits[0].name
-    no_args = [m for m in unary if not m.params.get("required")]
-    no_args.sort(key=lambda m: ("ping" not in m.name, m.name))
-    return no_args[0].name if no_args else DESCRIBE
+    info = description.get(DEFAULT_METHOD)
+    if info is None or info.kind != "unary" or info.params.get("required"):
+        raise CliError(
+            f"the server has no method {DEFAULT_METHOD!r} to call without arguments: "
+            f"name one with --method (and its arguments with --args); it has: {there}"
+        )
+    return DEFAULT_METHOD
 
 
 async def _caller(
     client: Client,
     method: str,
     args: tuple[Any, ...],
+    kwargs: dict[str, Any],
     end: float,
     timeout: float,
     lat: Latencies,
@@ -156,7 +171,7 @@ async def _caller(
     while loop.time() < end:
         t = pc()
         try:
-            await client.call(method, *args, timeout=timeout)
+            await client.call(method, *args, timeout=timeout, **kwargs)
         except RpcError as exc:
             lat.error(exc)
             if client.closed:
@@ -173,18 +188,40 @@ async def bench(
     concurrency: int,
     duration: float,
     timeout: float,
+    args_json: str | None = None,
+    connect_timeout: float | None = None,
 ) -> BenchResult:
     """Call a method from ``concurrency`` callers for ``duration`` seconds.
 
+    Args:
+        address: ``HOST:PORT``.
+        method: The method (None: the default, see :func:`pick_method`).
+        size: Send one random bytes argument of this many bytes.
+        concurrency: Concurrent callers.
+        duration: Seconds to call for.
+        timeout: The deadline of each call.
+        args_json: The arguments, as ``ucxrpc call --json`` takes them.
+        connect_timeout: Seconds to wait for the connection.
+
     Raises:
-        CliError: No method fits, or every call failed.
+        CliError: No method fits, the first call failed, or every call failed (the
+            message names the method).
     """
-    async with connect(address) as client:
+    if size is not None and args_json is not None:
+        raise CliError("give --size (one bytes argument of that size) or --args, not both")
+    args: tuple[Any, ...] = () if size is None else (os.urandom(size),)
+    kwargs: dict[str, Any] = {}
+    if args_json is not None:
+        positional, kwargs = build_arguments([], args_json, "--args")
+        args = tuple(positional)
+    async with connect(address, connect_timeout=connect_timeout) as client:
         description = await client.describe(timeout=timeout)
         name = pick_method(description, method, size)
-        args: tuple[Any, ...] = () if size is None else (os.urandom(size),)
         # One call first: a method that cannot be called fails here, with its error.
-        await client.call(name, *args, timeout=timeout)
+        try:
+            await client.call(name, *args, timeout=timeout, **kwargs)
+        except RpcError as exc:
+            raise CliError(f"bench {name}: the first call failed: {exc}") from None
         err_console.print(
             f"bench {name} on {address}: {concurrency} callers for {duration:g} s",
             markup=False,
@@ -194,7 +231,7 @@ async def bench(
         start = loop.time()
         end = start + duration
         tasks = [
-            asyncio.ensure_future(_caller(client, name, args, end, timeout, lat))
+            asyncio.ensure_future(_caller(client, name, args, kwargs, end, timeout, lat))
             for _ in range(concurrency)
         ]
         progress = Progress(
@@ -205,21 +242,24 @@ async def bench(
             console=err_console,
             transient=True,
             disable=not err_console.is_terminal,
+            # Drawn from here, PROGRESS_EVERY apart: a refresh thread drawing 10 times a
+            # second took the GIL from the callers (a quarter of the calls/s).
+            auto_refresh=False,
         )
         with progress:
             bar = progress.add_task("calling", total=duration, calls=0)
             try:
                 while not all(t.done() for t in tasks):
-                    await asyncio.wait(tasks, timeout=0.1)
+                    await asyncio.wait(tasks, timeout=PROGRESS_EVERY)
                     now = min(loop.time() - start, duration)
-                    progress.update(bar, completed=now, calls=lat.count)
+                    progress.update(bar, completed=now, calls=lat.count, refresh=True)
             finally:
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         elapsed = loop.time() - start
     if lat.count == 0:
-        raise CliError(f"every call failed: {lat.first_error or 'no call finished'}")
+        raise CliError(f"bench {name}: every call failed: {lat.first_error or 'none finished'}")
     rate = lat.count / elapsed
     return BenchResult(
         address=address,
@@ -254,7 +294,11 @@ def print_result(result: BenchResult) -> None:
     table.add_row(*row)
     console.print(table)
     if result.errors:
-        console.print(f"errors: {result.errors} (first: {result.first_error})", markup=False)
+        console.print(
+            f"errors: {result.errors} calls to {result.method} failed (first: "
+            f"{result.first_error})",
+            markup=False,
+        )
 
 
 def check_outputs(json_file: Path | None, plot: Path | None) -> None:
@@ -293,11 +337,17 @@ def write_plot(result: BenchResult, path: Path) -> None:
     samples: list[float] = result.extra["samples"]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
     try:
-        ax.hist(samples, bins=100, color="#4c72b0")
+        # Log-spaced bins on a log axis: one outlier (a GC pause, a page fault) no
+        # longer squeezes every other call into one bar.
+        low = max(min(samples, default=1.0), 0.01)
+        high = max(max(samples, default=1.0), low * 1.01)
+        bins = [low * (high / low) ** (i / 99) for i in range(100)]
+        ax.hist(samples, bins=bins, color="#4c72b0")
+        ax.set_xscale("log")
         for key, style in (("p50", "--"), ("p99", ":")):
             value = result.latency_us[key]
             ax.axvline(value, color="#c44e52", linestyle=style, label=f"{key} {value:,.1f} µs")
-        ax.set_xlabel("latency (µs)")
+        ax.set_xlabel("latency (µs, log scale)")
         ax.set_ylabel("calls")
         ax.set_title(
             f"{result.method}: {result.calls:,} calls, {result.calls_per_s:,.0f} calls/s, "

@@ -161,12 +161,14 @@ def parse_arg(text: str, what: str = "argument") -> Any:
         return text
 
 
-def build_arguments(args: Sequence[str], json_text: str | None) -> tuple[list[Any], dict[str, Any]]:
+def build_arguments(
+    args: Sequence[str], json_text: str | None, option: str = "--json"
+) -> tuple[list[Any], dict[str, Any]]:
     """Positional and keyword arguments from the command line.
 
     Each positional argument is JSON when it parses as JSON and a string otherwise
     (one that looks like JSON must be valid JSON); ``--json`` holds an object (keyword
-    arguments) or an array (positional ones).
+    arguments) or an array (positional ones); ``option`` names it in errors.
 
     Raises:
         CliError: An argument or ``--json`` is not valid JSON, ``--json`` is not an
@@ -175,15 +177,15 @@ def build_arguments(args: Sequence[str], json_text: str | None) -> tuple[list[An
     positional = [parse_arg(a, f"argument {i}") for i, a in enumerate(args, 1)]
     if json_text is None:
         return positional, {}
-    value = parse_json_arg(json_text, "--json")
+    value = parse_json_arg(json_text, option)
     if isinstance(value, dict):
         return positional, value
     if isinstance(value, list):
         if positional:
-            raise CliError("give positional arguments either as ARGS or as a --json array")
+            raise CliError(f"give positional arguments either as ARGS or as a {option} array")
         return value, {}
     raise CliError(
-        "--json must be an object (keyword arguments) or an array (positional arguments)"
+        f"{option} must be an object (keyword arguments) or an array (positional arguments)"
     )
 
 

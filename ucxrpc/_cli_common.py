@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -17,6 +18,7 @@ from . import RpcError
 __all__ = [
     "CliError",
     "console",
+    "default_callers",
     "err_console",
     "fail",
     "format_address",
@@ -50,6 +52,19 @@ def fail(message: str, code: int = 1) -> NoReturn:
     sys.stderr.write(f"error: {one_line(message)}\n")
     sys.stderr.flush()
     raise typer.Exit(code)
+
+
+def default_callers() -> int:
+    """Concurrent callers by default: 4 per core this process may run on, 4 to 64.
+
+    More callers than that queue behind each other on a small machine and lower the
+    rate (16 gave fewer calls/s than 8 on 2 cores).
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cores = os.cpu_count() or 1
+    return min(64, max(4, 4 * cores))
 
 
 def parse_address(text: str) -> tuple[str, int]:

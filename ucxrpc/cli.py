@@ -11,7 +11,7 @@ from rich.table import Table
 from typer.core import TyperGroup
 
 from . import __version__
-from ._cli_common import CliError, console, fail, jsonable, run_command
+from ._cli_common import CliError, console, default_callers, fail, jsonable, run_command
 
 __all__ = ["app", "main"]
 
@@ -210,16 +210,31 @@ def bench(
     ] = None,
     method: Annotated[
         str | None,
-        typer.Option(help="method to call (default: ping-like, or bytes echo with --size)"),
+        typer.Option(
+            help="method to call (default: ping; with --size, an echo of one bytes argument)"
+        ),
+    ] = None,
+    args_json: Annotated[
+        str | None,
+        typer.Option(
+            "--args",
+            metavar="JSON",
+            help="the method's arguments: a JSON array (positional) or object (keywords), "
+            "as `ucxrpc call --json` takes them",
+        ),
     ] = None,
     size: Annotated[
         int | None, typer.Option(min=0, help="send one bytes argument of this many bytes")
     ] = None,
-    concurrency: Annotated[int, typer.Option(min=1, max=10_000, help="concurrent callers")] = 16,
+    concurrency: Annotated[
+        int,
+        typer.Option(min=1, max=10_000, help="concurrent callers (default: 4 per core, 4 to 64)"),
+    ] = default_callers(),
     duration: Annotated[float, typer.Option(min=0.1, max=3600, help="seconds to run")] = 5.0,
     timeout: Annotated[float, typer.Option(min=0, help="deadline of each call (s)")] = 10.0,
     json_file: Annotated[
-        Path | None, typer.Option("--json", help="write the numbers to this file")
+        Path | None,
+        typer.Option("--json", metavar="FILE", help="write the numbers to this file"),
     ] = None,
     plot: Annotated[
         Path | None, typer.Option(help="write a latency histogram (PNG) to this file")
@@ -233,6 +248,9 @@ def bench(
         ),
     ] = False,
     quick: Annotated[bool, typer.Option(help="with --compare: a smoke run of seconds")] = False,
+    connect_timeout: Annotated[
+        float | None, typer.Option(min=0.1, help=_CONNECT_TIMEOUT_HELP)
+    ] = None,
 ) -> None:
     """Measure calls/s and latency percentiles of a method on a running server."""
     from ._cli_bench import bench as run_bench
@@ -260,6 +278,8 @@ def bench(
             concurrency=concurrency,
             duration=duration,
             timeout=timeout,
+            args_json=args_json,
+            connect_timeout=connect_timeout,
         )
     )
     print_result(result)
@@ -268,6 +288,11 @@ def bench(
             write_json(result, json_file)
         if plot is not None:
             write_plot(result, plot)
+            console.print(
+                f"latency histogram: {plot} (log-spaced bins on a log latency axis)",
+                markup=False,
+                soft_wrap=True,
+            )
     except CliError as exc:
         fail(str(exc))
     except OSError as exc:
