@@ -20,6 +20,10 @@ Streaming methods are declared with a plain ``def`` returning ``AsyncIterator[T]
 the interface (what calling them returns) and implemented as async generators.
 Nothing is registered at import time: a class only defines the contract.
 
+Interfaces, implementations and their types may be defined inside a function (a test):
+their annotations are resolved with that function's names, when the service is first
+used (``add_service`` or ``stub``), so types defined later in the function are found.
+
 Binary values follow the declaration on both sides, whatever their size: ``bytes`` is
 ``bytes``, ``bytearray``, ``memoryview``, :data:`Buffer` (the zero-copy type, also
 exported here) and ``numpy.ndarray`` arrive without a copy when they travelled out of
@@ -31,14 +35,18 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, overload
 
 from ..errors import InvalidReply
 from .handlers import (
+    SCOPE_ATTR,
     Priority,
+    Scope,
+    defining_scope,
     resolve_hints,
+    scope_of,
     stream_item_type,
     value_validator,
 )
@@ -116,6 +124,9 @@ def rpc(
 
     def mark(f: F) -> F:
         setattr(f, _MARK, options)
+        scope = defining_scope(f)  # a function defined in a function: its local types
+        if scope is not None:
+            setattr(f, SCOPE_ATTR, scope)
         return f
 
     return mark(func) if func is not None else mark
@@ -138,6 +149,8 @@ class MethodDecl:
         func: The declaring (interface) function.
         item_type: For streaming methods, the item type; None for unary ones.
         result_type: For unary methods, the declared result type.
+        namespace: The local names the annotations were resolved with (an interface
+            defined inside a function), or None.
     """
 
     attr: str
@@ -146,6 +159,7 @@ class MethodDecl:
     func: Callable[..., Any]
     item_type: Any
     result_type: Any
+    namespace: Mapping[str, Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def is_stream(self) -> bool:
@@ -174,17 +188,44 @@ class Service(ABC):  # noqa: B024 - abstract so interfaces may use @abstractmeth
             cls.__service_name__ = name
         elif not cls.__service_name__:
             cls.__service_name__ = cls.__name__
+        scope = _class_scope(cls)
+        if scope is not None:
+            type.__setattr__(cls, SCOPE_ATTR, scope)
+
+
+def _class_scope(cls: type) -> Scope | None:
+    """The scope of the function running the ``class`` statement, if there is one.
+
+    It is found through one of the functions the class body defined (the class itself
+    has no code of its own to look for).
+    """
+    if "<locals>" not in cls.__qualname__:
+        return None
+    prefix = cls.__qualname__ + "."
+    for value in vars(cls).values():
+        func = getattr(value, "__func__", value)
+        if getattr(func, "__qualname__", "").startswith(prefix):
+            scope = defining_scope(func)
+            if scope is not None:
+                return scope
+    return None
 
 
 def _collect(cls: type[Service]) -> tuple[MethodDecl, ...]:
     """The remote methods of ``cls``: every :func:`rpc` function along its MRO."""
     found: dict[str, MethodDecl] = {}
+    scopes: list[Scope] = []
     for klass in reversed(cls.__mro__):
         for attr, value in vars(klass).items():
             options = rpc_options(value)
             if options is None or attr in found:
                 continue
-            hints = resolve_hints(value)
+            scope = scope_of(value) or vars(klass).get(SCOPE_ATTR)
+            namespace = None
+            if isinstance(scope, Scope):
+                scopes.append(scope)
+                namespace = scope.names()
+            hints = resolve_hints(value, namespace)
             declared = hints.get("return", Any)
             item_type = stream_item_type(declared)
             if item_type is not None and inspect.iscoroutinefunction(value):
@@ -193,7 +234,11 @@ def _collect(cls: type[Service]) -> tuple[MethodDecl, ...]:
                     "'def', not 'async def', so that calling it returns the iterator"
                 )
             wire = f"{cls.__service_name__}.{options.name or attr}"
-            found[attr] = MethodDecl(attr, wire, options, value, item_type, declared)
+            found[attr] = MethodDecl(attr, wire, options, value, item_type, declared, namespace)
+    own = vars(cls).get(SCOPE_ATTR)
+    for scope in (*scopes, own):
+        if isinstance(scope, Scope):
+            scope.freeze()  # resolved: the defining frame may go
     return tuple(found.values())
 
 
@@ -201,7 +246,8 @@ def rpc_methods(service: type[Service]) -> tuple[MethodDecl, ...]:
     """The remote methods a service class declares.
 
     Annotations are resolved on first use (not at class creation), so models may be
-    defined after the interface that names them.
+    defined after the interface that names them, at module level or in the function
+    that defines the interface.
     """
     cached: tuple[MethodDecl, ...] | None = service.__dict__.get("_ucxrpc_methods")
     if cached is None:
@@ -210,17 +256,19 @@ def rpc_methods(service: type[Service]) -> tuple[MethodDecl, ...]:
     return cached
 
 
-def result_validator(label: str, annotation: Any) -> Callable[[Any], Any] | None:
+def result_validator(
+    label: str, annotation: Any, namespace: Mapping[str, Any] | None = None
+) -> Callable[[Any], Any] | None:
     """A function validating received values into ``annotation``.
 
     Binary values follow the declaration (a ``bytes`` result is ``bytes`` whatever its
     size; ``Any`` or no annotation: bytes-like values become ``bytes``). Raises
     :class:`InvalidReply` naming the field path; None when nothing is converted or
-    checked.
+    checked. ``namespace``: local names the types' own annotations may use.
     """
     if annotation is None or annotation is type(None):
         return None
-    return value_validator(annotation, label, InvalidReply)
+    return value_validator(annotation, label, InvalidReply, namespace)
 
 
 class _Stub:
@@ -251,7 +299,7 @@ def _bind(
 ) -> Callable[..., Any]:
     wire = decl.wire_name
     if decl.is_stream:
-        check_item = result_validator("item", decl.item_type)
+        check_item = result_validator("item", decl.item_type, decl.namespace)
 
         def open_stream(*args: Any, **kwargs: Any) -> Any:
             return client._stream(wire, args, kwargs, timeout, priority, metadata, check_item)
@@ -260,7 +308,7 @@ def _bind(
         open_stream.__doc__ = decl.func.__doc__
         return open_stream
 
-    check = result_validator("result", decl.result_type)
+    check = result_validator("result", decl.result_type, decl.namespace)
     idempotent = decl.options.idempotent
 
     async def call(*args: Any, **kwargs: Any) -> Any:

@@ -622,8 +622,16 @@ class _Builder:
     declarations have work to do.
     """
 
-    def __init__(self, inline: bool, recursive: frozenset[type] = frozenset()) -> None:
+    def __init__(
+        self,
+        inline: bool,
+        recursive: frozenset[type] = frozenset(),
+        namespace: collections.abc.Mapping[str, Any] | None = None,
+    ) -> None:
         self.inline = inline
+        #: Local names of the function that defined the types (string annotations of
+        #: local dataclasses, TypedDicts and models name them).
+        self.namespace = namespace
         self.plain: Convert | None = None if inline else plain
         self.to_bytes: Convert | None = None if inline else as_bytes
         #: Self-containing classes known to need a converter: inside themselves they
@@ -722,7 +730,7 @@ class _Builder:
             if not cls.__pydantic_complete__:
                 # Forward references (a model named before it is defined): resolve them
                 # now, as pydantic itself would on first validation.
-                cls.model_rebuild(raise_errors=False)
+                cls.model_rebuild(raise_errors=False, _types_namespace=self.namespace)
             fields = cls.model_fields
             if issubclass(cls, RootModel):
                 root = fields["root"]
@@ -765,6 +773,13 @@ class _Builder:
         try:
             return typing.get_type_hints(cls, include_extras=True)
         except Exception:  # unresolvable: pydantic will say so; fall back to the default
+            if self.namespace is None:
+                return None
+        try:
+            # A class defined in a function: its own names, then the function's.
+            local = {**self.namespace, **vars(cls)}
+            return typing.get_type_hints(cls, localns=local, include_extras=True)
+        except Exception:
             return None
 
     def _union(self, args: tuple[Any, ...]) -> Convert | None:
@@ -831,7 +846,12 @@ def _container_kind(ann: Any) -> str:
 _CACHE: dict[tuple[Any, bool], Convert | None] = {}
 
 
-def converter_for(annotation: Any, *, inline: bool = False) -> Convert | None:
+def converter_for(
+    annotation: Any,
+    *,
+    inline: bool = False,
+    namespace: collections.abc.Mapping[str, Any] | None = None,
+) -> Convert | None:
     """The function that brings a received value into ``annotation``'s binary types.
 
     It runs before pydantic validation and only changes binary values (see the module
@@ -843,11 +863,17 @@ def converter_for(annotation: Any, *, inline: bool = False) -> Convert | None:
         inline: Build the variant for values that carried no data part: they hold no
             ``bytearray`` or ``memoryview``, so only declarations that need one from
             ``bytes`` have work to do.
+        namespace: Local names of the function that defined the types, where string
+            annotations of local dataclasses, TypedDicts and models are looked up
+            (after the types' modules). Converters built with one are not cached: the
+            same class may resolve differently once more names are defined.
 
     Returns:
         The converter, or None when values of this type never need one (``int``,
         ``str``, models without binary fields, ...): the hot path pays nothing.
     """
+    if namespace is not None:
+        return _build(annotation, inline, namespace)
     key = (annotation, inline)
     try:
         return _CACHE[key]
@@ -861,10 +887,14 @@ def converter_for(annotation: Any, *, inline: bool = False) -> Convert | None:
     return result
 
 
-def _build(annotation: Any, inline: bool) -> Convert | None:
+def _build(
+    annotation: Any,
+    inline: bool,
+    namespace: collections.abc.Mapping[str, Any] | None = None,
+) -> Convert | None:
     recursive: frozenset[type] = frozenset()
     while True:
-        builder = _Builder(inline, recursive)
+        builder = _Builder(inline, recursive, namespace)
         result = builder.build(annotation)
         # A class inside itself is first assumed to need no converter, so that a
         # self-containing model without binary fields costs nothing. Where the guess
