@@ -578,6 +578,9 @@ class Engine:
         for op in ops:
             op.cb = None
         self.posted_receives = 0
+        # Whoever still holds the engine (a link of a client kept after shutdown) must
+        # not keep the worker alive: its owner destroys it next (see Runtime.shutdown).
+        self._worker = None
         return [*ops, *self._stranded, self._junk]
 
     def progress(self) -> int:

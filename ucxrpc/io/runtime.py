@@ -81,6 +81,8 @@ class Runtime:
         self._worker: Any = None
         self._engine: Engine | None = None
         self._conns: dict[int, Link] = {}
+        #: Every link opened, while something still holds it (see shutdown).
+        self._links: weakref.WeakSet[Link] = weakref.WeakSet()
         self._dropped = 0  # frames for no connection of this worker
         #: What to close at shutdown, by stage (clients 0, servers 1), in order added.
         self._owned: dict[object, tuple[int, Closer]] = {}
@@ -240,6 +242,12 @@ class Runtime:
             await _retire(self._executor, THREAD_WAIT)
             self._executor = None
         self._engine = None
+        # Links outlive the shutdown: a client the caller still holds, or connections
+        # only the garbage collector frees (they are in reference cycles). Their UCX
+        # endpoints, closed by now, would keep the worker alive with them, and with it
+        # its sockets and UCX's async thread, until a collection happens to run.
+        for link in list(self._links):
+            link.ep = None
         # The worker must go before the buffers of requests it might still write into.
         self._worker = None
         self._ctx = None
@@ -367,6 +375,7 @@ class Runtime:
             link.offer_memory = cfg.shared_reads
             link.offer_rings = cfg.shared_reads and cfg.shared_frames
         self._conns[conn_id] = link
+        self._links.add(link)
         return link
 
     def unregister(self, conn_id: int) -> None:
