@@ -13,7 +13,8 @@ port), then answers every message from any peer on the tag it came on:
 * anything else -> ``RECEIVED:<msg>``
 
 It runs until SIGINT (Ctrl-C) or SIGTERM, or with ``--count N`` until it has answered N
-messages, and exits 0 either way.
+messages, and exits 0 either way. It prints a line per message only with ``--verbose``
+(a benchmark sends thousands), and exits 1 with one line when it cannot listen.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import sys
 
 import ucxrpc
 from ucxrpc.transport import Worker, WorkerConfig
@@ -64,12 +66,17 @@ async def serve(worker: Worker, stop: asyncio.Event, count: int | None, quiet: b
     return answered
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+async def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="port (0: pick a free one)")
     parser.add_argument("--count", type=int, default=None, help="stop after N messages")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no line per message")
+    parser.add_argument("-v", "--verbose", action="store_true", help="a line per message")
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", help="no line per message (the default)"
+    )
     args = parser.parse_args()
 
     loop = asyncio.get_running_loop()
@@ -80,16 +87,26 @@ async def main() -> None:
     async with ucxrpc.Manager() as manager:
         worker = Worker(WorkerConfig(), manager=manager)
         try:
-            port = await worker.listen(args.host, args.port)
+            try:
+                port = await worker.listen(args.host, args.port)
+            except ucxrpc.RpcError as exc:  # it says where and why
+                print(f"error: {exc.message}", file=sys.stderr)
+                return 1
+            except OSError as exc:
+                reason = exc.strerror or exc
+                print(f"error: cannot listen on {args.host}:{args.port}: {reason}", file=sys.stderr)
+                return 1
             print(f"READY {port}", flush=True)
-            answered = await serve(worker, stop, args.count, args.quiet)
+            quiet = args.quiet or not args.verbose
+            answered = await serve(worker, stop, args.count, quiet)
             print(f"answered {answered} messages", flush=True)
             print(worker.stats().summary(), flush=True)
         finally:
             await worker.close_all()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+    return 0
 
 
 if __name__ == "__main__":
-    ucxrpc.run(main())
+    sys.exit(ucxrpc.run(main()))

@@ -302,7 +302,10 @@ def test_serve_drains_calls_in_flight_on_a_signal(
 
 def test_serve_with_metrics(procs: Procs) -> None:
     server, addr = procs.serve("--metrics-port", "0")
-    line = read_line(server)
+    # Printed right after the serving line: it may sit in the pipe's read buffer already,
+    # where select() does not see it (bounded by the test's timeout).
+    assert server.stdout is not None
+    line = server.stdout.readline()
     assert line.startswith("metrics on http://127.0.0.1:"), line
     url = line.split()[-1]
     assert ucxrpc("call", addr, "ping").returncode == 0

@@ -184,3 +184,62 @@ def test_an_option_error_points_at_the_subcommand_help(address: str) -> None:
     assert one_error_line(out).endswith("(see 'ucxrpc call --help')")
     out = ucxrpc("--bogus")
     assert one_error_line(out).endswith("(see 'ucxrpc --help')")
+
+
+def test_the_demo_fits_80_columns_in_microseconds() -> None:
+    out = ucxrpc("demo", "--pings", "50")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines), out.stdout
+    rtt = next(line for line in lines if line.startswith("round trip over 50 pings:"))
+    assert rtt.count("µs") == 3 and " us" not in out.stdout, out.stdout
+    at = lines.index("call with a 0.1 s timeout to a 2 s handler:")
+    assert lines[at + 1].startswith("  DeadlineExceeded: ") and len(lines) == at + 2
+
+
+# -- examples/raw_echo_server.py ----------------------------------------------------------------
+
+
+def test_raw_echo_server_is_quiet_by_default(procs: Procs) -> None:
+    import signal
+    import sys
+
+    from helpers.cli_run import ROOT, read_line
+
+    server = procs.start(sys.executable, str(ROOT / "examples" / "raw_echo_server.py"))
+    port = read_line(server).split()[1]
+    out = ucxrpc("shell", f"127.0.0.1:{port}", stdin="benchmark 1 300 16\n")
+    assert out.returncode == 0 and "300 round trips" in out.stdout, out.stderr
+    server.send_signal(signal.SIGTERM)
+    rest, err = server.communicate(timeout=30)
+    assert server.returncode == 0, err
+    assert rest.splitlines()[0] == "answered 300 messages", rest
+    assert len(rest.splitlines()) <= 6 and "endpoint 1 tag" not in rest, rest
+
+
+def test_raw_echo_server_help_keeps_its_layout_and_a_taken_port_is_one_line() -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from helpers.cli_run import ROOT
+
+    script = str(ROOT / "examples" / "raw_echo_server.py")
+    out = subprocess.run(
+        [sys.executable, script, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert "\n    python examples/raw_echo_server.py --port 13337\n" in out.stdout, out.stdout
+    assert "--verbose" in out.stdout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, script, "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 1 and out.stdout == ""
+    assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1, out.stderr
+    assert out.stderr.startswith("error: cannot listen on 127.0.0.1:") and "in use" in out.stderr

@@ -152,7 +152,7 @@ def free_port() -> int:
 
 
 def test_raw_echo_server_answers_the_client_until_sigterm(serve: Any) -> None:
-    server = serve("raw_echo_server.py")
+    server = serve("raw_echo_server.py", "--verbose")
     port = server.ready()
     lines = run_example("raw_echo_client.py", f"127.0.0.1:{port}", "--rounds", "20")
     assert lines[0] == f"connected to 127.0.0.1:{port} (endpoint 1)"

@@ -8,6 +8,7 @@ import inspect
 import os
 import signal
 import sys
+import traceback
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,38 @@ if TYPE_CHECKING:
     from .metrics import Metrics, MetricsEndpoint
 
 __all__ = ["import_server", "serve"]
+
+
+_FRAMEWORK = (
+    os.path.dirname(os.path.abspath(__file__)) + os.sep,
+    os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep,
+)
+
+
+def _users(te: traceback.TracebackException) -> None:
+    """Drop the framework's frames (importlib, ucxrpc) from ``te``."""
+    frames = [
+        f
+        for f in te.stack
+        if not f.filename.startswith("<frozen ")
+        and not os.path.abspath(f.filename).startswith(_FRAMEWORK)
+    ]
+    te.stack = traceback.StackSummary.from_list(frames)
+
+
+def user_error(what: str, exc: BaseException) -> CliError:
+    """Print the user's frames of ``exc`` on stderr; the error to raise after them.
+
+    A module that fails at import shows where in the user's code, not fifty lines of
+    importlib and ucxrpc.
+    """
+    te = traceback.TracebackException.from_exception(exc)
+    _users(te)
+    if te.stack:  # no user frame left (a C extension): the one line says it all
+        frames = "".join(te.stack.format())
+        sys.stderr.write(f"Traceback (most recent call last):\n{frames}")
+        sys.stderr.flush()
+    return CliError(f"{what}: {type(exc).__name__}: {exc}")
 
 
 def _import_target(target: str) -> Any:
@@ -32,6 +65,8 @@ def _import_target(target: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:  # the user's module raised: their frames, then one line
+        raise user_error(f"cannot import {module_name!r}", exc) from None
     obj: Any = module
     for part in attr.split("."):
         try:
@@ -57,9 +92,12 @@ async def import_server(target: str) -> Server:
             raise CliError(f"{target} must be a Server or take no arguments") from None
         except ValueError:
             pass  # no signature to check (builtins): just call it
-        obj = obj()
-        if inspect.isawaitable(obj):
-            obj = await obj
+        try:
+            obj = obj()
+            if inspect.isawaitable(obj):
+                obj = await obj
+        except Exception as exc:
+            raise user_error(f"{target}() failed", exc) from None
         if not isinstance(obj, Server):
             raise CliError(f"{target}() returned a {type(obj).__name__}, not a ucxrpc.Server")
     if not isinstance(obj, Server):
@@ -79,6 +117,7 @@ async def serve(
     """Serve ``target`` until SIGINT or SIGTERM, then drain calls for up to ``grace`` s.
 
     Prints ``serving TARGET on HOST:PORT`` once listening (and the metrics address).
+    The metrics port is bound first: when it cannot be, nothing is served.
     """
     config = load_config()
     try:
@@ -93,17 +132,19 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         async with manager:
-            metrics = _metrics_for(server) if metrics_port is not None else None
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", InsecureWarning)
-                await server.start(manager, host, port)
-            for warning in caught:
-                print(f"warning: {warning.message}", file=sys.stderr, flush=True)
-            print(f"serving {target} on {format_address(host, server.port)}", flush=True)
             endpoint = None
-            if metrics is not None and metrics_port is not None:
-                endpoint = await _serve_metrics(metrics, host, metrics_port)
+            if metrics_port is not None:
+                endpoint = await _serve_metrics(_metrics_for(server), host, metrics_port)
             try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", InsecureWarning)
+                    await server.start(manager, host, port)
+                for warning in caught:
+                    print(f"warning: {warning.message}", file=sys.stderr, flush=True)
+                print(f"serving {target} on {format_address(host, server.port)}", flush=True)
+                if endpoint is not None:
+                    where = format_address(host, endpoint.port)
+                    print(f"metrics on http://{where}/metrics", flush=True)
                 await _until_stopped(server, stop)
                 # A second signal while draining stops waiting for the calls in flight.
                 drain = asyncio.ensure_future(server.stop(grace=grace))
@@ -143,7 +184,6 @@ async def _serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsEndpo
     except OSError as exc:
         where = format_address(host, port)
         raise CliError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
-    print(f"metrics on http://{format_address(host, endpoint.port)}/metrics", flush=True)
     return endpoint
 
 

@@ -94,15 +94,17 @@ def demo(
         table.add_row(call, reply)
     console.print(table)
     s = summarize(report.rtt_us)
+    # Short lines, each a sentence of its own: nothing wraps in 80 columns.
     console.print(
-        f"round trip over {len(report.rtt_us)} pings: min {s['min']:.1f} us, "
-        f"p50 {s['p50']:.1f} us, p99 {s['p99']:.1f} us"
+        f"round trip over {len(report.rtt_us)} pings: min {s['min']:.1f} µs, "
+        f"p50 {s['p50']:.1f} µs, p99 {s['p99']:.1f} µs"
     )
     console.print(
-        f"burst: {report.burst_ok}/{report.burst_size} concurrent calls answered correctly "
+        f"burst: {report.burst_ok}/{report.burst_size} concurrent calls answered "
         f"in {report.burst_ms:.1f} ms"
     )
-    console.print(f"call with a 0.1 s timeout to a 2 s handler: {report.timeout_outcome}")
+    console.print("call with a 0.1 s timeout to a 2 s handler:")
+    console.print(f"  {report.timeout_outcome}", markup=False)
 
 
 @app.command()
