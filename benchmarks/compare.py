@@ -181,7 +181,8 @@ async def measure(
             elapsed = time.perf_counter() - t0
         assert len(out) == size and bytes(out[:64]) == data[:64], "big echo mismatch"
         assert bytes(out[-64:]) == data[-64:], "big echo mismatch"
-        res[f"mib_per_s_{size}"] = round(rounds * size / (1 << 20) / elapsed)
+        mib_per_s = rounds * size / (1 << 20) / elapsed
+        res[f"mib_per_s_{size}"] = round(mib_per_s) if mib_per_s >= 100 else round(mib_per_s, 1)
         del data, out
 
     note(f"{prefix}idle CPU")
@@ -225,6 +226,10 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 async def measure_conns(
     connect: Callable[[], Awaitable[Any]],
     close: Callable[[Any], Awaitable[None]],
@@ -236,6 +241,7 @@ async def measure_conns(
     memory per connection, and a call's p50 on the measuring connection meanwhile."""
     echo = _echo_module()
     before = _rss_kib(server_pid)
+    fds_before = _fds(server_pid)
     conns: list[Any] = []
     took = []
     t0 = time.perf_counter()
@@ -246,6 +252,7 @@ async def measure_conns(
             took.append(time.perf_counter() - t)
         opened = time.perf_counter() - t0
         after = _rss_kib(server_pid)
+        fds_after = _fds(server_pid)
         small = os.urandom(SMALL)
         ns = []
         for _ in range(min(args.iters, 2000)):
@@ -263,6 +270,8 @@ async def measure_conns(
         "conns_per_s": round(len(conns) / opened),
         "kib_per_conn": round((after - before) / max(1, len(conns)), 1),
         "p50_us_conns_open": round(echo.percentile(ns, 50), 1),
+        # Each connection is a socket on the server (a check that they are real).
+        "server_fds_added": fds_after - fds_before,
     }
 
 
@@ -875,6 +884,9 @@ def footnotes(rows: dict[str, dict[str, Any]], skipped: dict[str, str]) -> list[
                 notes.append(
                     f"{name}: {row[f'failed_{width}']:,} calls failed with {width} in flight"
                 )
+        fds = row.get("server_fds_added")
+        if fds is not None and fds < row["conns"]:
+            notes.append(f"{name}: {row['conns']:,} connections but {fds:,} server sockets")
     if any("server_stream_items_per_s" not in row for row in rows.values()):
         notes.append(f"no streams: {NOT_MEASURED['streams']}")
     if any(name.startswith("raw-ucxx") for name in rows):
