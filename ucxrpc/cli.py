@@ -205,6 +205,25 @@ def list_(
 
 
 @app.command()
+def health(
+    address: Annotated[str, typer.Argument(metavar="HOST:PORT")],
+    service: Annotated[
+        str, typer.Argument(metavar="[SERVICE]", help='a service name (default "": the server)')
+    ] = "",
+    watch: Annotated[
+        bool, typer.Option("--watch", help="print each change, until the server drains")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(min=0, help="seconds for the connection and the (first) status")
+    ] = 5.0,
+) -> None:
+    """Print the health status of a server or service; exit 0 only when SERVING (probes)."""
+    from ._cli_health import health as run_health
+
+    raise typer.Exit(run_command(run_health(address, service, watch=watch, timeout=timeout)))
+
+
+@app.command()
 def bench(
     address: Annotated[
         str | None,
