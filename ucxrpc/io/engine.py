@@ -145,6 +145,9 @@ FORKED_MESSAGE: Final = (
 )
 
 
+_sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
+
+
 class Engine:
     """Progress engine for one worker. Created and owned by a Manager.
 
@@ -307,6 +310,11 @@ class Engine:
                 self._failed("arm", exc)
             for ring in rings:
                 ring.rouse()
+        if not active:
+            # Polling with nothing found: give the core to whatever else is runnable
+            # (the peer, or other processes waiting for theirs). Free on an idle core;
+            # with more processes than cores, spinners otherwise starve the server.
+            _sched_yield()
         self._scheduled = True
         self._loop.call_soon(self._drive)
 
