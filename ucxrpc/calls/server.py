@@ -293,7 +293,7 @@ class Server:
     @property
     def inflight(self) -> int:
         """Calls currently running or queued."""
-        return sum(len(c.calls) for c in self._conns)
+        return sum(len(c.calls) + len(c.queued) for c in self._conns)
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`stop` is called (from another task or a signal handler)."""
@@ -314,6 +314,8 @@ class Server:
         self._draining = True
         self.health.shutdown()  # watches say NOT_SERVING and end: the grace is not spent on them
         tcp.close()
+        for conn in self._conns:
+            conn.start_all()
         tasks = [t for c in self._conns for t in (*c.calls.values(), *c.notes)]
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
@@ -601,6 +603,10 @@ def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     return payload[0], kwargs
 
 
+#: Calls one connection starts per loop iteration; more wait for the next iterations.
+START_SLICE = 16
+
+
 class _ServerConn:
     """The server's side of one client connection (the owner of its link)."""
 
@@ -610,6 +616,12 @@ class _ServerConn:
         self.writer = writer
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.notes: set[asyncio.Task[None]] = set()
+        #: Calls delivered but not started yet (see START_SLICE), by call id; a
+        #: notification has a key of its own (negative).
+        self.queued: dict[int, tuple[codec.Header, memoryview, list[Any], float | None]] = {}
+        self._started_now = 0  # tasks started in this loop iteration
+        self._slice_pending = False
+        self._next_note = -1
         self.credits: dict[int, Credit] = {}
         self.inputs: dict[int, InputStream] = {}
         self.link: Link | None = None
@@ -662,6 +674,8 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()
+            elif self.queued.pop(call_id, None) is not None:
+                self.inputs.pop(call_id, None)  # never started: nothing to stop
             elif self.link is not None:
                 self.link.unmatched += 1  # a call that has ended (or never was)
         elif kind is Kind.CREDIT:
@@ -685,8 +699,11 @@ class _ServerConn:
         if self._closed or kind is Kind.NOTIFY:
             return
         task = self.calls.get(call_id)
-        if task is not None and kind is not Kind.REQUEST and kind is not Kind.STREAM:
-            task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
+        if kind is not Kind.REQUEST and kind is not Kind.STREAM:
+            if task is not None:
+                task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
+            elif self.queued.pop(call_id, None) is not None:
+                self.inputs.pop(call_id, None)  # or a call not started yet
         if task is None or kind is not Kind.REQUEST:
             self.reply_error(call_id, error)
 
@@ -703,6 +720,8 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()  # its done callback frees the call's state
+            elif self.queued.pop(call_id, None) is not None:
+                self.inputs.pop(call_id, None)  # not started yet: it never will
             self.reply_error(call_id, ProtocolError("malformed CREDIT frame"))
             return
         credit = self.credits.get(call_id)
@@ -722,7 +741,7 @@ class _ServerConn:
             if not notify:
                 self.reply_error(call_id, Unavailable("the server is shutting down"))
             return
-        if not notify and call_id in self.calls:
+        if not notify and (call_id in self.calls or call_id in self.queued):
             self.reply_error(call_id, ProtocolError(f"call id {call_id} is already in flight"))
             return
         # Replies the peer has not taken yet are bounded too, on their own: a peer that
@@ -730,7 +749,7 @@ class _ServerConn:
         # (Not added to the running calls: a reply's send may complete only after
         # the client, which counts the call until its reply arrives, sent the next.)
         pending = 0 if self.link is None else self.link.pending_sends
-        running = len(self.calls) + len(self.notes)
+        running = len(self.calls) + len(self.notes) + len(self.queued)
         if running >= self._max_inflight or pending >= self._max_inflight:
             if not notify:
                 self.reply_error(
@@ -738,17 +757,63 @@ class _ServerConn:
                     ResourceExhausted(f"more than {self._max_inflight} calls in flight"),
                 )
             return
+        if header.flags & _INPUT_STREAM and not notify:
+            # Registered now: its items may arrive before the call starts.
+            self.inputs[call_id] = InputStream(self.window, functools.partial(self._grant, call_id))
+        if self._started_now >= START_SLICE or self.queued:
+            # This connection started its slice in this loop iteration: the rest wait
+            # for the next ones, so one client's burst cannot put more than a slice of
+            # tasks ahead of another client's call on the loop's (FIFO) ready queue.
+            key = call_id
+            if notify:
+                key, self._next_note = self._next_note, self._next_note - 1
+            self.queued[key] = (header, payload, parts, deadline)
+            self._schedule_slice()
+            return
+        self._launch(header, payload, parts, deadline)
+
+    def _schedule_slice(self) -> None:
+        if not self._slice_pending:
+            self._slice_pending = True
+            self._loop.call_soon(self._next_slice)
+
+    def _next_slice(self) -> None:
+        self._slice_pending = False
+        self._started_now = 0
+        if self._closed:
+            return
+        while self.queued and self._started_now < START_SLICE:
+            key = next(iter(self.queued))
+            header, payload, parts, deadline = self.queued.pop(key)
+            self._launch(header, payload, parts, deadline)
+        if self.queued:
+            self._schedule_slice()
+
+    def start_all(self) -> None:
+        """Start every queued call now (the server is draining: they were accepted)."""
+        while self.queued:
+            key = next(iter(self.queued))
+            self._launch(*self.queued.pop(key))
+
+    def _launch(
+        self,
+        header: codec.Header,
+        payload: memoryview,
+        parts: list[Any],
+        deadline: float | None,
+    ) -> None:
+        call_id = header.call_id
+        notify = header.kind is Kind.NOTIFY
+        if self._started_now == 0 and not self._slice_pending:
+            self._slice_pending = True
+            self._loop.call_soon(self._next_slice)  # the count starts again next iteration
+        self._started_now += 1
         task = self._loop.create_task(self.server._run_call(self, header, payload, parts, deadline))
         if notify:
             self.notes.add(task)
             task.add_done_callback(self.notes.discard)
         else:
             self.calls[call_id] = task
-            if header.flags & _INPUT_STREAM:
-                # Registered now: its items may arrive before the task first runs.
-                self.inputs[call_id] = InputStream(
-                    self.window, functools.partial(self._grant, call_id)
-                )
             # Also when the task is cancelled before it ever ran (its finally never runs).
             task.add_done_callback(functools.partial(self._ended, call_id))
 
@@ -862,6 +927,7 @@ class _ServerConn:
             return
         self._closed = True
         self.server._conns.discard(self)
+        self.queued.clear()  # never started: nobody awaits them now
         tasks = [*self.calls.values(), *self.notes]
         for task in tasks:
             task.cancel()
