@@ -674,9 +674,7 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()
-            elif self.queued.pop(call_id, None) is not None:
-                self.inputs.pop(call_id, None)  # never started: nothing to stop
-            elif self.link is not None:
+            elif not self._drop_queued(call_id) and self.link is not None:
                 self.link.unmatched += 1  # a call that has ended (or never was)
         elif kind is Kind.CREDIT:
             self._on_credit(call_id, header, payload)
@@ -702,8 +700,8 @@ class _ServerConn:
         if kind is not Kind.REQUEST and kind is not Kind.STREAM:
             if task is not None:
                 task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
-            elif self.queued.pop(call_id, None) is not None:
-                self.inputs.pop(call_id, None)  # or a call not started yet
+            else:
+                self._drop_queued(call_id)  # or a call not started yet
         if task is None or kind is not Kind.REQUEST:
             self.reply_error(call_id, error)
 
@@ -720,8 +718,8 @@ class _ServerConn:
             task = self.calls.get(call_id)
             if task is not None:
                 task.cancel()  # its done callback frees the call's state
-            elif self.queued.pop(call_id, None) is not None:
-                self.inputs.pop(call_id, None)  # not started yet: it never will
+            else:
+                self._drop_queued(call_id)  # not started yet: it never will
             self.reply_error(call_id, ProtocolError("malformed CREDIT frame"))
             return
         credit = self.credits.get(call_id)
@@ -788,6 +786,13 @@ class _ServerConn:
             self._launch(header, payload, parts, deadline)
         if self.queued:
             self._schedule_slice()
+
+    def _drop_queued(self, call_id: int) -> bool:
+        """Forget a call not started yet; False if there is none of that id."""
+        if self.queued.pop(call_id, None) is None:
+            return False
+        self.inputs.pop(call_id, None)
+        return True
 
     def start_all(self) -> None:
         """Start every queued call now (the server is draining: they were accepted)."""
