@@ -223,3 +223,33 @@ async def test_a_client_at_its_in_flight_limit_is_never_refused(spawn: Any) -> N
         await asyncio.gather(*(caller() for _ in range(8)))
         assert failures == []
         await client.close()
+
+
+async def test_a_broken_duplicate_of_a_queued_call_gets_one_answer(
+    manager: ucxrpc.Manager,
+) -> None:
+    # A connection starts a slice of calls per loop iteration; the rest wait, queued.
+    # An unreadable frame with the id of a queued call must not answer it a second time.
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def echo(text: str) -> str:
+        return text
+
+    await server.start(manager)
+    async with RawPeer.connected(server.port) as raw:
+        for call in range(1, 41):
+            enc = codec.encode(Kind.REQUEST, call, [[f"t{call}"], {}], method="echo")
+            await raw.send(call, enc, wait=False)
+        bad = codec.encode(Kind.REQUEST, 40, [["dup"], {}], method="echo")
+        bad.frame[codec.PREFIX_SIZE] = 0xC1  # a header msgpack cannot read
+        await raw.send(40, bad, wait=False)
+        kinds = []
+        for _ in range(3):
+            try:
+                header, _ = await raw.expect_reply(40, seconds=1.0)
+            except TimeoutError:
+                break
+            kinds.append(header.kind)
+        assert kinds == [Kind.REPLY] or kinds == [Kind.ERROR], kinds
+    await server.stop()

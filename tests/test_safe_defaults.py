@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -160,3 +161,18 @@ async def test_a_server_beyond_loopback_uses_every_device() -> None:
             with pytest.raises(ucxrpc.RemoteError):
                 await client.call("boom")
         await server.stop()
+
+
+async def test_polling_a_messaging_worker_first_does_not_unconfine_it() -> None:
+    from ucxrpc.transport import Worker
+
+    async with ucxrpc.Manager() as manager:
+        worker = Worker(manager=manager)
+        assert worker.progress() == 0 and not manager.ucx_ready  # nothing made yet
+        waiting = asyncio.ensure_future(worker.next_message(timeout=0.05))
+        with pytest.raises(ucxrpc.DeadlineExceeded):
+            await waiting
+        assert not manager.ucx_ready
+        await worker.listen("127.0.0.1")
+        assert manager.confined
+        await worker.close_all()

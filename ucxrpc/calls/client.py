@@ -214,6 +214,7 @@ class Client:
         manager = self._manager
         manager.prepare(host)
         reader, writer = await asyncio.open_connection(host, port)
+        manager.watch(writer)
         self._reader, self._writer = reader, writer
         link = self.link = manager.open_link(self)
         extra = {

@@ -73,6 +73,7 @@ class Manager(Runtime):
             Unauthenticated: The server refused the credentials.
         """
         await self.start()
+        self.prepare(host)  # refuses at once in a forked child, or beyond a kept loopback
         return await Client.connect(
             self,
             host,

@@ -25,7 +25,7 @@ from ..errors import (
     Unavailable,
     error_payload,
 )
-from ..io.control import KEY_SIZE, answer, refuse, serve_control
+from ..io.control import KEY_SIZE, answer, listen, refuse, serve_control
 from ..io.link import Link
 from ..io.runtime import is_loopback
 from ..io.sched import PriorityLimiter
@@ -258,9 +258,10 @@ class Server:
         self._draining = False
         self.health.resume()
         try:
-            self._tcp = await asyncio.start_server(self._accept, host, port)
+            self._tcp = await listen(self._accept, host, port)
         except OSError as exc:
             raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        manager.watch(self._tcp)
         sock = self._tcp.sockets[0].getsockname()
         self._host, self._port = host, int(sock[1])
         manager.own(self, 1, self.stop)
@@ -342,6 +343,7 @@ class Server:
         self._accepting[task] = writer
         self._handshaking[task] = writer
         assert self._manager is not None
+        self._manager.watch(writer)
         if len(self._handshaking) > self._manager.config.max_handshakes:
             # Memory before authentication stays bounded, and a flood of stalled
             # handshakes cannot lock good clients out: the oldest one goes.
@@ -697,12 +699,14 @@ class _ServerConn:
         if self._closed or kind is Kind.NOTIFY:
             return
         task = self.calls.get(call_id)
+        running = task is not None or call_id in self.queued
         if kind is not Kind.REQUEST and kind is not Kind.STREAM:
             if task is not None:
                 task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
             else:
                 self._drop_queued(call_id)  # or a call not started yet
-        if task is None or kind is not Kind.REQUEST:
+            running = False
+        if not running or kind is not Kind.REQUEST:
             self.reply_error(call_id, error)
 
     def broken(self, error: RpcError) -> None:

@@ -45,9 +45,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -68,12 +69,47 @@ __all__ = [
     "answer",
     "initiate",
     "initiate_handshake",
+    "listen",
     "read_message",
     "refuse",
     "serve_control",
     "tune_socket",
     "write_message",
 ]
+
+
+async def listen(
+    handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    host: str,
+    port: int,
+) -> asyncio.Server:
+    """Serve control connections on ``host:port``, like :func:`asyncio.start_server`.
+
+    A numeric address is bound here, without a name lookup: uvloop resolves names in
+    libuv's thread pool, and a thread pool once started makes a forked child crash
+    as it exits (libuv joins, at exit, the pool threads only the parent has).
+
+    Raises:
+        OSError: The address cannot be bound.
+    """
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return await asyncio.start_server(handler, host, port)
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((str(address), port))
+        sock.listen(128)
+        sock.setblocking(False)
+        return await asyncio.start_server(handler, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
 
 #: The largest handshake message accepted (refused from its length prefix alone).
 HELLO_LIMIT: Final = 64 * 1024

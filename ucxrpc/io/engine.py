@@ -558,6 +558,11 @@ class Engine:
 
     # -- shutdown -------------------------------------------------------------------------
 
+    def fds(self) -> list[int]:
+        """The fds the event loop watches for this engine (the worker's epoll fd and
+        the wake-up eventfd, if made)."""
+        return [self._fd] + ([] if self._wake_fd is None else [self._wake_fd])
+
     def forget(self) -> None:
         """Stop for good without a UCX call or a change to the event loop: in a forked
         child the worker, its requests, and the loop's epoll set are the parent's."""

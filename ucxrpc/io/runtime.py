@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine
@@ -91,6 +92,7 @@ class Runtime:
         self._state = "new"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._confined = False
+        self._watched: weakref.WeakSet[asyncio.StreamWriter | asyncio.Server] = weakref.WeakSet()
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -163,8 +165,9 @@ class Runtime:
             Unavailable: UCX cannot start, or UCX is confined to loopback and ``host``
                 is not on it.
         """
-        if self._state != "running":
-            raise Unavailable(FORKED if self._state == "forked" else "the manager is not running")
+        if self._state != "running" or Runtime._inherited:
+            forked = self._state == "forked" or Runtime._inherited
+            raise Unavailable(FORKED if forked else "the manager is not running")
         if self._worker is None:
             self._create(confined=host is not None and is_loopback(host) and self._confinable())
         elif self._confined and host is not None and not is_loopback(host):
@@ -174,6 +177,11 @@ class Runtime:
                 "ucx_options={'NET_DEVICES': 'all'} (or UCXRPC_UCX_OPTIONS) to use every "
                 "network device from the start"
             )
+
+    @property
+    def ucx_ready(self) -> bool:
+        """Whether the UCX context and worker are made (see :meth:`prepare`)."""
+        return self._engine is not None
 
     @property
     def confined(self) -> bool:
@@ -193,15 +201,19 @@ class Runtime:
             self._ctx = self._worker = None
             raise self._refused(exc) from None
         assert self._loop is not None
-        self._engine = Engine(
-            self._worker,
-            self._loop,
-            mode=cfg.progress_mode,
-            spin=cfg.spin_us / 1e6,
-            reply_spin=max(cfg.spin_us, cfg.reply_spin_us) / 1e6,
-            router=self,
-            junk_limit=max(cfg.max_message_size, 256 << 20),
-        )
+        try:
+            self._engine = Engine(
+                self._worker,
+                self._loop,
+                mode=cfg.progress_mode,
+                spin=cfg.spin_us / 1e6,
+                reply_spin=max(cfg.spin_us, cfg.reply_spin_us) / 1e6,
+                router=self,
+                junk_limit=max(cfg.max_message_size, 256 << 20),
+            )
+        except BaseException:
+            self._ctx = self._worker = None  # nothing half made: the next use tries again
+            raise
         self._confined = confined
         Runtime._started.add(self)
         Runtime._initialised = True
@@ -224,7 +236,16 @@ class Runtime:
             grace: Seconds servers may spend draining in-flight calls.
         """
         if self._state == "forked":
-            return  # the parent's: nothing of it is touched here (see _forked)
+            # Close what the event loop holds (its fds now name stand-ins, see
+            # _forked; links are closed and UCX is never called), so that nothing is
+            # left for the loop's teardown to free late.
+            owned, self._owned = list(self._owned.values()), {}
+            for _, closer in sorted(owned, key=lambda entry: entry[0]):
+                try:
+                    await closer(0.0)
+                except Exception:  # best effort in a child that is leaving
+                    pass
+            return
         if self._state != "running":
             self._state = "closed"
             return
@@ -275,10 +296,24 @@ class Runtime:
         """
         self._state = "forked"
         ctypes.pythonapi.Py_IncRef(ctypes.py_object(self))
+        fds = []
         if self._engine is not None:
             self._engine.forget()
+            fds += self._engine.fds()
         for link in self._conns.values():
             link.closed = True  # sends fail at once; closing it touches nothing
+        for watched in list(self._watched):
+            if isinstance(watched, asyncio.StreamWriter):
+                sock = watched.get_extra_info("socket")
+                fds.append(-1 if sock is None else sock.fileno())
+            else:
+                fds += [sock.fileno() for sock in watched.sockets]
+        _blind([fd for fd in fds if fd >= 0])
+
+    def watch(self, stream: asyncio.StreamWriter | asyncio.Server) -> None:
+        """Note a control connection or listener of this runtime's (see :meth:`_forked`:
+        a forked child must not touch it)."""
+        self._watched.add(stream)
 
     @property
     def worker_address(self) -> bytes:
@@ -507,6 +542,29 @@ def is_loopback(host: str) -> bool:
 
 #: Why a forked child cannot use what its parent started.
 FORKED: Final = FORKED_MESSAGE
+
+
+def _blind(fds: list[int]) -> None:
+    """Point ``fds`` at a socket of this process's own that never becomes ready.
+
+    In a forked child the event loop's epoll instance, and every fd it watches, are
+    the parent's: closing or unwatching them as the child's loop ends would take them
+    out of the parent's epoll set (its control connections, listeners and UCX
+    wake-ups would fall silent). Once each number names another file, what the child
+    does with it touches nothing of the parent's, and an epoll-able stand-in keeps the
+    child's loop from failing when it re-arms one.
+    """
+    if not fds:
+        return
+    stand_in = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for fd in fds:
+            try:
+                os.dup2(stand_in.fileno(), fd)
+            except OSError:
+                pass  # already closed
+    finally:
+        stand_in.close()
 
 
 def _after_fork_in_child() -> None:

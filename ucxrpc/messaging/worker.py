@@ -33,6 +33,7 @@ from ..io.control import (
     KEY_SIZE,
     answer,
     initiate_handshake,
+    listen,
     read_message,
     refuse,
     serve_control,
@@ -271,7 +272,8 @@ class Worker:
         await self.manager.start()
         self.manager.prepare(host)
         try:
-            self._listener = await asyncio.start_server(self._accept, host, port)
+            self._listener = await listen(self._accept, host, port)
+            self.manager.watch(self._listener)
         except OSError as exc:
             raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         return int(self._listener.sockets[0].getsockname()[1])
@@ -312,6 +314,7 @@ class Worker:
             )
             return link.local_id
 
+        manager.watch(writer)
         self._handshaking[writer] = None
         if len(self._handshaking) > manager.config.max_handshakes:
             oldest = next(iter(self._handshaking))  # see Config.max_handshakes
@@ -347,6 +350,7 @@ class Worker:
         try:
             async with asyncio.timeout(limit):
                 reader, writer = await asyncio.open_connection(host, port)
+                self.manager.watch(writer)
                 peer = _Peer(self, f"{host}:{port}", writer)
                 link = peer.link = self.manager.open_link(peer)
                 hs = await initiate_handshake(
@@ -641,8 +645,10 @@ class Worker:
         item = self._inbox.take_any()
         if item is None:
             fut = self._inbox.wait_any()
-            engine = self.manager.engine
-            engine.awaiting += 1
+            # No engine yet (no connection): nothing to poll, and none is made here.
+            engine = self.manager.engine if self.manager.ucx_ready else None
+            if engine is not None:
+                engine.awaiting += 1
             try:
                 async with asyncio.timeout(timeout):
                     _, item = await fut
@@ -650,7 +656,8 @@ class Worker:
                 fut.cancel()
                 raise DeadlineExceeded(f"no message within {timeout} s") from None
             finally:
-                engine.awaiting -= 1
+                if engine is not None:
+                    engine.awaiting -= 1
         return item.endpoint, Message(item.tag, item.data, item.timestamp)
 
     def _accept_item(self, item: Queued, max_size: int | None) -> bytes:
@@ -686,8 +693,8 @@ class Worker:
         The manager's engine drives UCX in the background anyway; this is for loops
         that want to poll explicitly.
         """
-        if not self.manager.running:
-            return 0
+        if not self.manager.running or not self.manager.ucx_ready:
+            return 0  # nothing to drive yet (and UCX waits for the first connection)
         return self.manager.engine.progress()
 
     async def run_progress_loop(self, duration: float) -> int:

@@ -199,8 +199,8 @@ _CONTROL_LIMITS: Final = {
 _HEADER_LIMITS: Final = {
     "max_str_len": 32768,
     "max_bin_len": 32768,
-    "max_array_len": 4096,
-    "max_map_len": 4096,
+    "max_array_len": 16384,  # MAX_HEADER_SIZE // 2: every entry takes 2 bytes or more
+    "max_map_len": 16384,
     "max_ext_len": 0,
 }
 _pack_prefix = _PREFIX.pack
