@@ -22,6 +22,7 @@ import concurrent.futures
 import os
 import select
 import shlex
+import signal
 import sys
 import threading
 import time
@@ -532,6 +533,11 @@ class _Session:
     def _run(self) -> None:
         from . import run
 
+        # Ctrl-C must reach the main thread (reading the commands), never this one or
+        # the threads UCX starts from it: a SIGINT taken here would not wake the main
+        # thread's read of the next line, and the prompt would not come back.
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             run(self._main())
         except BaseException as exc:  # reported by start() or close()
