@@ -47,7 +47,9 @@ class Caller(Protocol):
 
     async def call(
         self, method: str, *args: Any, timeout: float | None = None, **kwargs: Any
-    ) -> Any: ...
+    ) -> Any:
+        """Call ``method`` with ``args`` and ``kwargs`` within ``timeout`` seconds."""
+        ...
 
 
 def _as_call(item: BatchCall | tuple[Any, ...]) -> BatchCall:

@@ -107,6 +107,7 @@ class Metrics(TimedInterceptor):
     # -- recording --------------------------------------------------------------------------------
 
     def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        """Record the finished call under its method and side (see :meth:`record`)."""
         self.record(ctx.method, seconds, status, side=ctx.side)
 
     def record(

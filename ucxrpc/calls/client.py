@@ -915,6 +915,13 @@ class Client:
     # -- frames from the server, in order (the link's owner) ------------------------------------
 
     def deliver(self, header: codec.Header, payload: memoryview, parts: list[Any]) -> None:
+        """Take one frame from the server, in order (called by the connection's link).
+
+        Args:
+            header: The frame's decoded header.
+            payload: The frame's msgpack payload.
+            parts: The data parts that came with the frame.
+        """
         call_id = header.call_id
         if header.kind is Kind.CREDIT:
             self._on_credit(call_id, header, payload)
@@ -944,6 +951,13 @@ class Client:
         pump.credit.grant(count)
 
     def failed(self, call_id: int, kind: Kind | None, error: RpcError) -> None:
+        """Fail one call or stream (called by the link when its frame or parts were bad).
+
+        Args:
+            call_id: The call to fail.
+            kind: The kind of the frame that failed, when known.
+            error: What the call raises.
+        """
         call = self._pending.get(call_id)
         if call is not None and not call.fut.done():
             call.fut.set_exception(error)
@@ -952,6 +966,12 @@ class Client:
             stream.fail(error)
 
     def broken(self, error: RpcError) -> None:
+        """Fail every pending call with ``error``: the connection is lost (called by
+        the link).
+
+        Args:
+            error: What the pending calls raise (a ``ConnectionLost`` as a rule).
+        """
         self._lose(error)
 
     def _finish(

@@ -132,6 +132,7 @@ class LoggingInterceptor(TimedInterceptor):
         self.level = level
 
     def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        """Log the finished call: at ``level`` when it succeeded, at ``WARNING`` when not."""
         self.logger.log(
             self.level if status is StatusCode.OK else logging.WARNING,
             "%s %s %s peer=%s -> %s in %.3f ms",
@@ -223,6 +224,7 @@ class MetricsInterceptor(TimedInterceptor):
         self._lock = threading.Lock()
 
     def finished(self, ctx: CallContext, seconds: float, status: StatusCode) -> None:
+        """Record the finished call under its method (see :meth:`record`)."""
         self.record(ctx.method, seconds, status)
 
     def record(self, method: str, seconds: float, status: StatusCode) -> None:
