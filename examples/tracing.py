@@ -14,12 +14,15 @@ spans are kept in memory here and printed as that tree; in production, give the
 
 from __future__ import annotations
 
+# --8<-- [start:imports]
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import ucxrpc
 from ucxrpc.otel import OpenTelemetryInterceptor
+
+# --8<-- [end:imports]
 
 
 def print_tree(spans: tuple[ReadableSpan, ...]) -> None:
@@ -39,12 +42,14 @@ def print_tree(spans: tuple[ReadableSpan, ...]) -> None:
 
 
 async def main() -> None:
-    exporter = InMemorySpanExporter()
+    # --8<-- [start:setup]
+    exporter = InMemorySpanExporter()  # in production: an exporter such as OTLP's
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracing = OpenTelemetryInterceptor(tracer_provider=provider)
 
     back = ucxrpc.Server(interceptors=[tracing])
+    # --8<-- [end:setup]
 
     @back.rpc
     async def lookup(key: str) -> str:
@@ -54,7 +59,9 @@ async def main() -> None:
 
     async with ucxrpc.Manager() as manager:
         await back.start(manager)
+        # --8<-- [start:client]
         to_back = await manager.connect("127.0.0.1", back.port, interceptors=[tracing])
+        # --8<-- [end:client]
 
         @front.rpc
         async def resolve(key: str) -> str:

@@ -8,16 +8,30 @@ block this file runs itself.
 """
 
 from __future__ import annotations
+import __future__
 
+import ast
+import asyncio
+import contextlib
 import importlib
+import inspect
+import io
 import logging
+import os
 import re
-from collections.abc import Iterator
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from abc import abstractmethod
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import griffe
 import pytest
+from pydantic import BaseModel
 
 import ucxrpc
 
@@ -205,3 +219,768 @@ def test_the_reference_page_renders_every_public_module_and_name(package: Any) -
 #: Names in a public module's ``__all__`` that the reference page leaves out on purpose:
 #: the messaging layer's link is the RPC layer's plumbing, not for users.
 _INTERNAL = {"ucxrpc.transport.Link"}
+
+
+# -- the code the docs show --------------------------------------------------------------------
+
+#: The test files that run examples: an example named in one of them (as ``"name.py"``) is
+#: a file the tests run.
+EXAMPLE_TESTS = [
+    "test_examples.py",
+    "test_pattern_examples.py",
+    "test_seed_examples.py",
+    "test_docs.py",
+    "test_otel.py",
+    "test_health.py",
+]
+
+SNIPPET = re.compile(r'^--8<-- "([^":]+)(?::([\w-]+))?"$')
+
+
+def python_blocks(page: Path) -> list[str]:
+    """The bodies of the page's ```python blocks, in order."""
+    return re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+
+
+def snippet_lines(block: str) -> list[tuple[str, str | None]] | None:
+    """The files (and sections) a block includes, or None when it holds code of its own."""
+    lines = [line for line in block.splitlines() if line.strip() and line.strip() != "..."]
+    found = [SNIPPET.match(line) for line in lines]
+    if not lines or not all(found):
+        return None
+    return [(m[1], m[2]) for m in found if m]
+
+
+def files_the_tests_run() -> set[str]:
+    """examples/ files named by a test that runs them."""
+    names: set[str] = set()
+    for test in EXAMPLE_TESTS:
+        names |= set(re.findall(r'"(\w+\.py)"', (ROOT / "tests" / test).read_text()))
+    return {f"examples/{name}" for name in names if (ROOT / "examples" / name).exists()}
+
+
+#: The examples that exist for the docs, run here: name -> lines their output must hold.
+RUN_EXAMPLES: dict[str, list[str]] = {
+    "quickstart.py": ["fire and forget"],
+    "tutorial.py": [
+        "PONG",
+        "REPLY:hi",
+        "294",
+        "a: Input should be a valid integer, unable to parse string as an integer",
+        "req.times: Input should be a valid integer, unable to parse string as an integer",
+        "slow: cancelled",
+        "ValueError",
+        "bad value",
+        "",
+        "NOT_FOUND no such key: k {'key': 'k'}",
+        "connection lost: True, client closed: True",
+    ],
+    "messaging_tour.py": [
+        "messages sent 1 / received 1",
+        "bytes sent 4 / received 4",
+        "connections 1, errors 0",
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(RUN_EXAMPLES))
+def test_the_docs_examples_run_and_print_what_the_docs_say(name: str) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("UCXRPC_")},
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stderr == "", out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[: len(RUN_EXAMPLES[name])] == RUN_EXAMPLES[name], lines
+
+
+# -- blocks run here, in a namespace of their page ----------------------------------------------
+
+#: What a page's blocks run in (with ``manager``, a started Manager): steps in order, each
+#: either the index of one of the page's ```python blocks, run as it is written, or code
+#: of this test (set-up, and checks of what the blocks claim). ``out`` holds what the
+#: previous step printed. A block with ``await`` at the top level runs as it would in an
+#: async function; annotations are lazy, as under ``from __future__ import annotations``.
+PAGES: dict[str, list[int | str]] = {
+    "cli.md": [
+        0,
+        """
+        await serve(server)
+        client = await connect(server)
+        assert await client.call("ping") == "PONG"
+        assert await client.call("echo", "hi") == "REPLY:hi"
+        assert await client.call("add", 2) == 3
+        assert await client.call("blob", b"x") == b"x"
+        assert [n async for n in client.stream("count", 3)] == [0, 1, 2]
+        """,
+    ],
+    "deadlines.md": [
+        """
+        server = ucxrpc.Server()
+
+        async def search_titles(query: str) -> list[str]:
+            return ["title:" + query]
+
+        async def search_full_text(query: str) -> list[str]:
+            return ["text:" + query]
+        """,
+        0,
+        1,
+        """
+        await serve(server)
+        client = await connect(server)
+        r = await client.call("whoami", metadata={"tenant": "blue"}, timeout=0.5)
+        assert (r["method"], r["priority"], r["tenant"]) == ("whoami", 1, "blue"), r
+        assert r["peer"].startswith("127.0.0.1:") and 0 < r["remaining"] <= 0.5, r
+        assert (await client.call("whoami"))["remaining"] is None
+        assert await client.call("search", "x", timeout=1.0) == ["title:x", "text:x"]
+        assert await client.call("sort_lines", "b\\na\\n", timeout=5.0) == "a\\nb\\n"
+        server_c = ucxrpc.Server()
+        lookups_cancelled = asyncio.Event()
+
+        @server_c.rpc
+        async def lookup(key: str) -> str:
+            try:
+                await asyncio.sleep(5.0)
+            except asyncio.CancelledError:
+                lookups_cancelled.set()
+                raise
+            return key
+
+        await serve(server_c)
+        server_b = ucxrpc.Server()
+        """,
+        2,
+        """
+        backend = await connect(server_c)
+        await serve(server_b)
+        to_b = await connect(server_b)
+        started = time.monotonic()
+        with pytest.raises(ucxrpc.DeadlineExceeded):
+            await to_b.call("get", "k", timeout=0.3)
+        assert time.monotonic() - started < 2.0
+        await asyncio.wait_for(lookups_cancelled.wait(), 2.0)  # C's handler too
+        audit_server = ucxrpc.Server()
+        recorded = []
+
+        @audit_server.rpc
+        async def record(job: str) -> None:
+            await asyncio.sleep(0.3)  # past the caller's deadline
+            recorded.append(job)
+
+        await serve(audit_server)
+        audit = await connect(audit_server)
+        """,
+        3,
+        """
+        assert await client.call("submit", "j1", timeout=0.1) == "accepted"
+        await until(lambda: recorded == ["j1"])
+        """,
+        4,
+        """
+        path = tmp / "data"
+        path.write_bytes(b"abc")
+        assert await client.call("checksum_all", [str(path)], timeout=5) == zlib.crc32(b"abc")
+        """,
+    ],
+    "errors.md": [
+        "server = ucxrpc.Server()",
+        0,
+        2,
+        """
+        await serve(server)
+        client = await connect(server)
+        assert await client.call("lookup", "a") == "apple"
+        """,
+        1,
+        "assert out == \"NOT_FOUND no such key: k {'key': 'k'}\\n\", out",
+        3,
+        """
+        assert out.splitlines()[0] == "json.decoder.JSONDecodeError", out
+        assert out.splitlines()[1].startswith("Expecting property name enclosed in double")
+        assert out.splitlines()[2] == "", out
+        parse_server, server = server, ucxrpc.Server()
+        parser = await connect(parse_server)
+        """,
+        5,
+        """
+        await serve(server)
+        with pytest.raises(ucxrpc.InvalidArgument, match="text is not valid JSON"):
+            await (await connect(server)).call("relay", "{")
+        main_manager, server = manager, ucxrpc.Server()
+        """,
+        4,
+        """
+        manager, server = main_manager, ucxrpc.Server()
+
+        @server.rpc
+        async def fail() -> None:
+            raise ValueError("shown")
+
+        async with ucxrpc.Manager(ucxrpc.Config(expose_tracebacks=True)) as dev:
+            await server.start(dev)
+            async with await dev.connect("127.0.0.1", server.port) as dev_client:
+                with pytest.raises(ucxrpc.RemoteError) as caught:
+                    await dev_client.call("fail")
+        assert "ValueError: shown" in caught.value.remote_traceback
+        """,
+    ],
+    "health.md": [
+        """
+        class OrdersApi(ucxrpc.Service, name="orders.v1"):
+            @ucxrpc.rpc
+            @abstractmethod
+            async def place(self, item: str) -> str: ...
+
+        class OrdersImpl(OrdersApi):
+            async def place(self, item: str) -> str:
+                return item
+        """,
+        1,
+        """
+        assert server.health.get("orders.v1") is ucxrpc.HealthStatus.NOT_SERVING
+        server.health.set("orders.v1", "SERVING")
+        server.health.set("", "SERVING")
+        await serve(server)
+        client = await connect(server)
+        asyncio.get_running_loop().call_later(
+            0.5, lambda: asyncio.ensure_future(server.stop(grace=1.0))
+        )
+        """,
+        0,
+        "assert out.splitlines() == ['SERVING', 'NOT_SERVING'], out  # then drained",
+        """
+        TOKEN = "s3cret"
+        """,
+        2,
+        """
+        await serve(server)
+        probe = await connect(server)
+        assert await probe.call("ucxrpc.health.check") == "SERVING"
+        with pytest.raises(ucxrpc.Unauthenticated):
+            await probe.call("ucxrpc.describe")
+        """,
+    ],
+    "interceptors.md": [
+        0,
+        1,
+        """
+        @server.rpc
+        async def echo(text: str) -> str:
+            return text
+
+        with pytest.raises(ucxrpc.RpcError, match="no tenant given"):
+            await client.call("echo", "a")
+        assert await client.call("echo", "a", metadata={"tenant": "t"}) == "a"
+        assert metrics.get("echo").calls == 2
+        server = ucxrpc.Server()
+        settings_calls = []
+
+        @server.rpc(name="settings.get")
+        async def settings_get(key: str) -> str:
+            settings_calls.append(key)
+            return key.upper()
+        """,
+        2,
+        4,
+        5,
+        """
+        await serve(server)
+        client = await connect(server, interceptors=[cache_settings])
+        for _ in range(3):
+            assert await client.call("settings.get", "k") == "K"
+        assert settings_calls == ["k"]
+        """,
+        3,
+        "assert value == ['o-1', 'o-2']",
+        6,
+        "assert out == \"ok {'served-by': 'node-1'}\\n{'retry-after': '30'}\\n\", out",
+        (
+            7,
+            """
+            @server.rpc
+            async def echo(text: str) -> str:
+                if not text:
+                    raise ucxrpc.InvalidArgument("empty")
+                return text
+
+            await serve(server)
+            client = await connect(server)
+            for text in ["a"] * 20 + [""]:
+                try:
+                    await client.call("echo", text)
+                except ucxrpc.InvalidArgument:
+                    pass
+            """,
+        ),
+        """
+        assert out.splitlines()[0] == "21 {'INVALID_ARGUMENT': 1}", out
+        os.environ["ORDERS_TOKEN"] = "t0ken"
+        """,
+        (
+            8,
+            """
+            @server.rpc
+            async def whoami() -> str:
+                return "me"
+
+            await serve(server)
+            host, port = "127.0.0.1", server.port
+            """,
+        ),
+        """
+        del os.environ["ORDERS_TOKEN"]
+        assert await client.call("whoami") == "me"
+        with pytest.raises(ucxrpc.Unauthenticated):
+            await (await connect(server)).call("whoami")
+        backend_server = ucxrpc.Server()
+
+        @backend_server.rpc
+        async def request_id() -> object:
+            return ucxrpc.current_call().metadata.get("request-id")
+
+        await serve(backend_server)
+        backend_host, backend_port = "127.0.0.1", backend_server.port
+        """,
+        9,
+        """
+        front = ucxrpc.Server()
+
+        @front.rpc
+        async def relay() -> object:
+            return await backend.call("request_id")
+
+        await serve(front)
+        caller = await connect(front)
+        assert await caller.call("relay", metadata={"request-id": "r-1"}) == "r-1"
+        """,
+    ],
+    "liveness.md": [
+        """
+        server = ucxrpc.Server()
+
+        @server.rpc
+        async def ping() -> str:
+            return "PONG"
+
+        await serve(server)
+        host, port = "127.0.0.1", server.port
+        """,
+        0,
+        "assert await client.call('ping') == 'PONG'",
+        1,
+        """
+        assert await client.call("ping") == "PONG"
+        assert client.reconnects == 0
+        """,
+    ],
+    "messaging.md": [
+        """
+        from ucxrpc.transport import Worker
+
+        peer, worker = Worker(manager=manager), Worker(manager=manager)
+        listening = await peer.listen("127.0.0.1", 0)
+        ep = await worker.connect("127.0.0.1", listening)
+        urgent = b"now"
+        """,
+        1,
+        """
+        _ep, message = await peer.next_message(timeout=5)
+        assert (message.tag, message.data) == (1, b"now")
+        await worker.close_all()
+        await peer.close_all()
+        """,
+    ],
+    "patterns.md": [
+        """
+        server = ucxrpc.Server()
+        txn = "t-1"
+        log = []
+
+        @server.rpc
+        async def begin(txn: str) -> None:
+            log.append(("begin", txn))
+
+        @server.rpc
+        async def commit(txn: str) -> None:
+            log.append(("commit", txn))
+
+        @server.rpc
+        async def ping() -> str:
+            return "PONG"
+
+        attempts = []
+
+        @server.rpc
+        async def get_user(user_id: int) -> str:
+            attempts.append(user_id)
+            if len(attempts) < 3:
+                raise ucxrpc.Unavailable("not yet")
+            return f"user {user_id}"
+
+        @server.rpc
+        async def square(n: int) -> int:
+            if n == 7:
+                raise ucxrpc.InvalidArgument("not 7")
+            return n * n
+
+        @server.rpc
+        async def scale(n: int, factor: int = 1) -> int:
+            return n * factor
+
+        @server.rpc
+        async def echo(text: str) -> str:
+            return text
+
+        await serve(server)
+        port = server.port
+        host = "127.0.0.1"
+        """,
+        0,
+        """
+        assert log == [("begin", "t-1"), ("commit", "t-1")] and out == "PONG\\n", out
+        """,
+        1,
+        """
+        assert len(attempts) == 3
+        from abc import abstractmethod
+
+        class User(BaseModel):
+            name: str
+        """,
+        2,
+        "from ucxrpc import StatusCode",
+        3,
+        """
+        policy = RetryPolicy()
+        assert 0.08 <= policy.delay(1) <= 0.12 and 0.17 <= policy.delay(2) <= 0.23
+        """,
+        4,
+        """
+        assert results[:3] == [0, 1, 4] and results[100] == 6
+        assert out == "7 INVALID_ARGUMENT not 7\\n", out
+        """,
+        (
+            5,
+            """
+            for text in ["a"] * 3:
+                await client.call("echo", text)
+            """,
+        ),
+        "assert snap['server']['echo']['calls'] == 3 and snap['totals']['connections'] >= 1",
+        (6, "assert endpoint.url.endswith('/metrics')"),
+        "assert out.startswith('http://127.0.0.1:'), out",
+    ],
+    "reflection.md": [
+        """
+        server = ucxrpc.Server()
+
+        class EchoRequest(BaseModel):
+            text: str
+
+        class EchoReply(BaseModel):
+            text: str
+
+        class EchoApi(ucxrpc.Service, name="echo.v1"):
+            @ucxrpc.rpc
+            @abstractmethod
+            async def shout(self, req: EchoRequest) -> EchoReply:
+                \"\"\"Repeat the text in upper case.\"\"\"
+
+            @ucxrpc.rpc(name="whisper", priority=ucxrpc.Priority.LOW)
+            @abstractmethod
+            async def quiet(self, req: EchoRequest) -> EchoReply: ...
+
+            @ucxrpc.rpc
+            @abstractmethod
+            def count(self, n: int) -> AsyncIterator[int]: ...
+
+        class Echo(EchoApi):
+            async def shout(self, req: EchoRequest) -> EchoReply:
+                return EchoReply(text=req.text.upper())
+
+            async def quiet(self, req: EchoRequest) -> EchoReply:
+                return EchoReply(text=req.text.lower())
+
+            async def count(self, n: int) -> AsyncIterator[int]:
+                for i in range(n):
+                    yield i
+
+        server.add_service(Echo())
+        await serve(server)
+        port = server.port
+        """,
+        0,
+        """
+        assert out.splitlines() == [
+            ucxrpc.__version__,
+            "['echo.v1.count', 'echo.v1.shout', 'echo.v1.whisper', 'ucxrpc.describe', "
+            "'ucxrpc.health.check', 'ucxrpc.health.watch']",
+            "unary 1 Repeat the text in upper case.",
+        ], out
+        """,
+        1,
+        "import numpy as np",
+        2,
+        """
+        client = await connect(server)
+        description = await client.describe()
+        info = description.get("get_item")
+        assert (info.priority, info.timeout, info.idempotent) == (2, 2.0, True), info
+        assert info.doc == "Fetch one item by key.", info.doc
+        """,
+        3,
+        "assert _ == {'description': 'a ndarray (no JSON Schema)'}, _",
+        4,
+        """
+        await check_serves(client, EchoApi)
+
+        class MoreApi(ucxrpc.Service, name="more.v1"):
+            @ucxrpc.rpc
+            @abstractmethod
+            async def extra(self) -> None: ...
+
+        with pytest.raises(RuntimeError, match="does not serve more.v1.extra"):
+            await check_serves(client, MoreApi)
+        """,
+        5,
+    ],
+    "reliability.md": [
+        0,
+        "assert _.config.ucx_options == {'KEEPALIVE_INTERVAL': '5s', 'TCP_KEEPCNT': '3'}",
+        """
+        async with ucxrpc.Manager(
+            ucx_options={"KEEPALIVE_INTERVAL": "5s", "TCP_KEEPCNT": "3"}
+        ) as tuned:
+            probe = ucxrpc.Server()
+            await probe.start(tuned, host="127.0.0.1", port=0)  # UCX accepts the options
+            async with await tuned.connect("127.0.0.1", probe.port) as c:
+                assert await c.call("ucxrpc.health.check") == "SERVING"
+        """,
+        1,
+        "assert _.config.ucx_options['IB_GID_INDEX'] == '3'",
+    ],
+    "services.md": [
+        0,
+        1,
+        """
+        await serve(server)
+        """,
+        2,
+        """
+        assert out == "text='HIHI'\\n0\\n1\\n2\\n", out
+        client = await connect(server)
+        """,
+        3,
+        "import numpy as np",
+        4,
+        """
+        server.add_service(Inverter())
+        frame = bytearray(b"\\x00\\x0f")
+        assert bytes(await client.stub(Frames).invert(frame)) == b"\\xff\\xf0"
+        """,
+        5,
+        """
+        assert out.startswith("req.times: Input should be a valid integer, unable to parse"), out
+        """,
+        "echo_server, server = server, ucxrpc.Server()",
+        (6, "await serve(server)\nclient = await connect(server)"),
+        "assert out == 'result.text: Input should be a valid string\\n', out",
+        """
+        from pydantic import BaseModel
+        server = ucxrpc.Server()
+        """,
+        7,
+        """
+        await serve(server)
+        client = await connect(server)
+        assert await client.call("points.get", {"x": 3}) == {"x": 3}
+        """,
+        8,
+        """
+        with pytest.raises(ucxrpc.RemoteError, match="name 'Pointt' is not defined") as caught:
+            await client.call("get", {"x": 1})
+        assert caught.value.remote_type == "TypeError"
+        """,
+        9,
+        """
+        server.add_service(Counter())
+        assert [n async for n in client.stream("counter.v1.count", 3)] == [0, 1, 2]
+        """,
+    ],
+    "streaming.md": [
+        0,
+        """
+        await serve(server)
+        client = await connect(server)
+        """,
+        1,
+        "assert out == '0\\n1\\n2\\n3\\n4\\n', out",
+        2,
+        "assert out == '{}\\n', out",
+        3,
+        4,
+        "assert out == \"user:1\\nuser:2\\n{'found': '2'}\\n\", out",
+        5,
+        """
+        main_manager = manager
+        """,
+        (
+            6,
+            """
+            assert manager.config.stream_window == 8
+            """,
+        ),
+        "manager = main_manager",
+        7,
+        """
+        stream = client.stream("events")
+        waiting = asyncio.ensure_future(anext(aiter(stream)))
+        await until(lambda: len(subscribers) == 1)
+        next(iter(subscribers)).put_nowait("e1")
+        assert await waiting == "e1"
+        await stream.aclose()
+        await until(lambda: not subscribers)
+        """,
+        8,
+        "assert n == 3",
+        9,
+        "assert out.startswith('[0, 1, 2'), out",
+        10,
+        11,
+        "assert out == \"[0, 1, 2] OUT_OF_RANGE {'last': 2}\\n\", out",
+    ],
+}
+
+Step = int | str | tuple[int, str]
+FLAGS = ast.PyCF_ALLOW_TOP_LEVEL_AWAIT | __future__.annotations.compiler_flag
+
+
+def _fill(block: str, code: str) -> str:
+    """``block`` with each line that is only ``...`` (and a comment) replaced by ``code``."""
+    lines = []
+    for line in block.splitlines():
+        if re.fullmatch(r"\s*\.\.\.\s*(#.*)?", line):
+            indent = line[: len(line) - len(line.lstrip())]
+            lines += [indent + c for c in textwrap.dedent(code).strip().splitlines()]
+        else:
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def _compile(source: str, name: str) -> Any:
+    """``source`` compiled as the body of an async function would run; a last statement
+    that is an expression is kept in ``_``, as an interactive prompt does."""
+    tree = ast.parse(source, name)
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = tree.body[-1]
+        tree.body[-1] = ast.copy_location(
+            ast.Assign(targets=[ast.Name("_", ast.Store())], value=last.value), last
+        )
+        ast.fix_missing_locations(tree)
+    return compile(tree, name, "exec", flags=FLAGS, dont_inherit=True)
+
+
+@pytest.mark.parametrize("page", sorted(PAGES))
+@pytest.mark.timeout(120)
+async def test_the_blocks_of_a_page_run(page: str, tmp_path: Path) -> None:
+    blocks = python_blocks(DOCS / page)
+    name = "docs_" + page.removesuffix(".md")
+    module = types.ModuleType(name)
+    sys.modules[name] = module
+    ns: dict[str, Any] = module.__dict__
+    servers: list[ucxrpc.Server] = []
+
+    async def serve(server: ucxrpc.Server) -> ucxrpc.Server:
+        await server.start(ns["manager"], host="127.0.0.1", port=0)
+        servers.append(server)
+        return server
+
+    async def connect(server: ucxrpc.Server, **kwargs: Any) -> ucxrpc.Client:
+        return await ns["manager"].connect("127.0.0.1", server.port, **kwargs)
+
+    async def until(condition: Any, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "condition not met in time"
+            await asyncio.sleep(0.01)
+
+    ns.update(
+        ucxrpc=ucxrpc,
+        asyncio=asyncio,
+        os=os,
+        time=time,
+        pytest=pytest,
+        BaseModel=BaseModel,
+        abstractmethod=abstractmethod,
+        AsyncIterator=AsyncIterator,
+        Any=Any,
+        serve=serve,
+        connect=connect,
+        until=until,
+        tmp=tmp_path,
+    )
+    try:
+        async with ucxrpc.Manager() as manager:
+            ns["manager"] = manager
+            for step in PAGES[page]:
+                if isinstance(step, int):
+                    source, label = blocks[step], f"{page} block {step}"
+                elif isinstance(step, tuple):
+                    source, label = _fill(blocks[step[0]], step[1]), f"{page} block {step[0]}"
+                else:
+                    source, label = textwrap.dedent(step), f"{page} check"
+                printed = io.StringIO()
+                with contextlib.redirect_stdout(printed):
+                    result = eval(_compile(source, label), ns)
+                    if inspect.iscoroutine(result):
+                        await asyncio.wait_for(result, 60)
+                ns["out"] = printed.getvalue()
+            for server in servers:
+                await server.stop(grace=1.0)
+    finally:
+        del sys.modules[name]
+
+
+def test_every_python_block_of_the_docs_is_run_by_a_test() -> None:
+    run = files_the_tests_run()
+    problems = []
+    for page in sorted(DOCS.glob("*.md")):
+        executed = {
+            s if isinstance(s, int) else s[0]
+            for s in PAGES.get(page.name, [])
+            if not isinstance(s, str)
+        }
+        for i, block in enumerate(python_blocks(page)):
+            includes = snippet_lines(block)
+            if includes is None:
+                if i not in executed:
+                    problems.append(f"{page.name} block {i}: neither a snippet nor run here")
+                continue
+            if i in executed:
+                problems.append(f"{page.name} block {i}: a snippet, yet listed in PAGES")
+            for path, section in includes:
+                if path not in run:
+                    problems.append(f"{page.name} block {i}: {path} is run by no test")
+                    continue
+                text = (ROOT / path).read_text()
+                if section and f"# --8<-- [start:{section}]" not in text:
+                    problems.append(f"{page.name} block {i}: no section {section!r} in {path}")
+    assert problems == [], "\n".join(problems)
+
+
+def test_the_coverage_check_sees_an_unrun_block(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    page.write_text(
+        '```python\n--8<-- "examples/quickstart.py:all"\n```\n\n```python\nx = 1\n```\n'
+    )
+    blocks = python_blocks(page)
+    assert snippet_lines(blocks[0]) == [("examples/quickstart.py", "all")]
+    assert snippet_lines(blocks[1]) is None
+    assert "examples/quickstart.py" in files_the_tests_run()
+    assert "examples/nothing.py" not in files_the_tests_run()
