@@ -54,6 +54,7 @@ def report(what: str, results: Sequence[object], seconds: float) -> list[int]:
     return ok
 
 
+# --8<-- [start:calls]
 async def burst_calls(client: ucxrpc.Client) -> None:
     start = time.perf_counter()
     results = await asyncio.gather(
@@ -64,12 +65,16 @@ async def burst_calls(client: ucxrpc.Client) -> None:
     print(f"  {correct} of the {len(ok)} results are correct")
 
 
+# --8<-- [end:calls]
+
+
 async def burst_sends(manager: ucxrpc.Manager) -> None:
     receiver, sender = Worker(manager=manager), Worker(manager=manager)
     try:
         port = await receiver.listen()
         endpoint = await sender.connect("127.0.0.1", port)
         start = time.perf_counter()
+        # --8<-- [start:sends]
         results = await asyncio.gather(
             *(
                 sender.send_tag(
@@ -81,6 +86,7 @@ async def burst_sends(manager: ucxrpc.Manager) -> None:
             ),
             return_exceptions=True,
         )
+        # --8<-- [end:sends]
         ok = report("raw sends", results, time.perf_counter() - start)
         received = set()
         for _ in ok:  # exactly the messages that were sent

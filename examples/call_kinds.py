@@ -24,6 +24,7 @@ class Stats(BaseModel):
     mean: float
 
 
+# --8<-- [start:interface]
 class SensorApi(ucxrpc.Service, name="sensors.v1"):
     @ucxrpc.rpc
     @abstractmethod
@@ -44,8 +45,10 @@ class SensorApi(ucxrpc.Service, name="sensors.v1"):
     @abstractmethod
     def alarms(self, readings: AsyncIterator[Reading], limit: float) -> AsyncIterator[str]:
         """Bidirectional: replies flow while requests still come."""
+        # --8<-- [end:interface]
 
 
+# --8<-- [start:impl]
 class Sensors(SensorApi):
     async def scale(self, value: float, factor: float) -> float:
         return value * factor
@@ -68,6 +71,7 @@ class Sensors(SensorApi):
 async def readings(values: list[float]) -> AsyncIterator[Reading]:
     for i, v in enumerate(values):
         yield Reading(sensor=f"s{i}", value=v)
+        # --8<-- [end:impl]
 
 
 async def main() -> None:
@@ -76,6 +80,7 @@ async def main() -> None:
     async with ucxrpc.Manager() as manager:
         await server.start(manager, "127.0.0.1", 0)
         async with await manager.connect("127.0.0.1", server.port) as client:
+            # --8<-- [start:calls]
             stub = client.stub(SensorApi)
             print("unary:", await stub.scale(2.5, 4))
             print("server streaming:", [r.value async for r in stub.replay(3)])
@@ -84,6 +89,7 @@ async def main() -> None:
             # The same calls by name: any async iterable argument is streamed.
             stats = await client.call("sensors.v1.summarize", readings([4.0]))
             print("by name:", stats)
+            # --8<-- [end:calls]
             description = await client.describe()
             for method in description.methods:
                 if method.name.startswith("sensors."):

@@ -27,6 +27,7 @@ from ucxrpc.transport import Worker, WorkerConfig
 QUEUED = [Priority.LOW, Priority.NORMAL, Priority.HIGH]
 
 
+# --8<-- [start:rpc]
 async def rpc_priorities(manager: ucxrpc.Manager) -> None:
     server = ucxrpc.Server(max_concurrency=1)
     holding = asyncio.Event()
@@ -69,8 +70,12 @@ async def rpc_priorities(manager: ucxrpc.Manager) -> None:
         await server.stop(grace=1.0)
 
 
+# --8<-- [end:rpc]
+
+
 async def raw_priorities(manager: ucxrpc.Manager) -> None:
     receiver = Worker(manager=manager)
+    # --8<-- [start:raw]
     sender = Worker(WorkerConfig(send_window=1), manager=manager)
     try:
         port = await receiver.listen()
@@ -82,6 +87,7 @@ async def raw_priorities(manager: ucxrpc.Manager) -> None:
             for p in QUEUED
         ]
         await asyncio.gather(*sends)
+        # --8<-- [end:raw]
         print(f"raw: sent 4 MiB, then {', '.join(p.name for p in QUEUED)} with send_window=1")
         arrived = []
         for _ in sends:

@@ -26,6 +26,7 @@ REQUESTS = [Message.text(1, "PING"), Message.text(2, "ECHO:hello"), Message.text
 TIMEOUT = 5.0
 
 
+# --8<-- [start:pingpong]
 async def round_trip(worker: Worker, endpoint: int, message: Message) -> tuple[str, float]:
     """Send ``message`` and wait for the reply on its tag: (reply, microseconds)."""
     start = time.perf_counter()
@@ -54,6 +55,9 @@ async def talk(worker: Worker, host: str, port: int, rounds: int) -> None:
             f"p50 {times[len(times) // 2]:.1f} us, max {times[-1]:.1f} us"
         )
     print(worker.stats().summary())
+
+
+# --8<-- [end:pingpong]
 
 
 async def main() -> int:

@@ -28,6 +28,7 @@ import ucxrpc
 from ucxrpc.transport import Worker, WorkerConfig
 
 
+# --8<-- [start:server]
 def answer(text: str) -> str:
     """The reply to one message."""
     if text == "PING":
@@ -64,6 +65,9 @@ async def serve(worker: Worker, stop: asyncio.Event, count: int | None, quiet: b
         stopping.cancel()
         await asyncio.wait({stopping})
     return answered
+
+
+# --8<-- [end:server]
 
 
 async def main() -> int:

@@ -49,6 +49,7 @@ async def fetch(key: str) -> str:
     return f"value of {key}"
 
 
+# --8<-- [start:outcome]
 async def outcome(operation: Awaitable[object]) -> str:
     """Run ``operation`` (itself bounded by LIMIT) and describe how it ended."""
     start = time.perf_counter()
@@ -61,6 +62,9 @@ async def outcome(operation: Awaitable[object]) -> str:
     return f"ok: {result!r}"
 
 
+# --8<-- [end:outcome]
+
+
 async def answer_requests(peer: Worker) -> None:
     """The raw peer: PING -> PONG, BIG -> BIG bytes, anything else -> no answer."""
     while True:
@@ -71,18 +75,24 @@ async def answer_requests(peer: Worker) -> None:
             await peer.send_tag(endpoint, message.tag, bytes(BIG))
 
 
+# --8<-- [start:request]
 async def request(worker: Worker, endpoint: int, tag: int, text: str) -> bytes:
     await worker.send_tag(endpoint, tag, text)
     return await worker.recv_tag(endpoint, tag, timeout=LIMIT)
+
+
+# --8<-- [end:request]
 
 
 async def main() -> None:
     async with ucxrpc.Manager() as manager:
         await server.start(manager, "127.0.0.1", 0)
         async with await manager.connect("127.0.0.1", server.port) as client:
+            # --8<-- [start:calls]
             for key in ("a", "missing", "slow"):
                 result = await outcome(client.call("fetch", key, timeout=LIMIT))
                 print(f"rpc fetch({key!r}) -> {result}")
+            # --8<-- [end:calls]
         await asyncio.wait_for(slow_handler_cancelled.wait(), 5)
         print("  the server cancelled the slow handler at the deadline")
         await server.stop(grace=1.0)

@@ -44,10 +44,14 @@ async def ping() -> str:
     return "PONG"
 
 
+# --8<-- [start:plain]
 @server.rpc
 def thread_name() -> str:
     """A plain function: it runs in the manager's thread pool."""
     return threading.current_thread().name
+
+
+# --8<-- [end:plain]
 
 
 @contextlib.contextmanager
@@ -84,9 +88,12 @@ async def p50_latency(config: ucxrpc.Config) -> float:
 
 
 async def main() -> None:
+    # --8<-- [start:loop]
     loop = asyncio.get_running_loop()
     print(f"event loop: {type(loop).__module__}.{type(loop).__qualname__}")
+    # --8<-- [end:loop]
 
+    # --8<-- [start:settings]
     settings = {
         "defaults": ucxrpc.Config(),
         "keywords": ucxrpc.Config(
@@ -95,6 +102,7 @@ async def main() -> None:
     }
     with environment(UCXRPC_UCX_OPTIONS='{"TLS": "tcp"}', UCXRPC_PROGRESS_MODE="efficient"):
         settings["environment"] = ucxrpc.Config()  # reads the UCXRPC_* variables
+    # --8<-- [end:settings]
 
     for label, config in settings.items():
         micros = await p50_latency(config)
@@ -113,11 +121,13 @@ async def main() -> None:
         await server.stop(grace=1.0)
     print(f"plain handlers run in the thread pool: {name}; async ones on the loop's thread")
 
+    # --8<-- [start:unknown]
     try:
         async with ucxrpc.Manager(ucx_options={"NO_SUCH_OPTION": "1"}):
             print("UCX accepted NO_SUCH_OPTION")
     except ucxrpc.Unavailable as exc:
         print(f"an unknown UCX option is refused at start: {exc.message}")
+    # --8<-- [end:unknown]
 
 
 if __name__ == "__main__":

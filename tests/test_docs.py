@@ -84,7 +84,7 @@ def _reference_targets() -> list[tuple[str, list[str] | None]]:
     """The ``::: target`` directives of the docs pages (the reference page and the pages
     that render their own part of it), with their ``members:`` filter."""
     targets: list[tuple[str, list[str] | None]] = []
-    for page in sorted(DOCS.glob("*.md")):
+    for page in sorted(DOCS.rglob("*.md")):
         text = page.read_text()
         for m in re.finditer(r"^::: (\S+)\n((?:[ \t]+\S.*\n)*)", text, flags=re.M):
             options = m[2]
@@ -274,6 +274,13 @@ RUN_EXAMPLES: dict[str, list[str]] = {
         "",
         "NOT_FOUND no such key: k {'key': 'k'}",
         "connection lost: True, client closed: True",
+    ],
+    "auth.py": [
+        "with the token: the answer is 42",
+        "no token: Unauthenticated: bad or missing auth token",
+        "another token: Unauthenticated: bad or missing auth token",
+        "InsecureWarning: ucxrpc: serving on 0.0.0.0 without auth_token: anyone who can "
+        "reach this port can call every method (set Config.auth_token)",
     ],
     "messaging_tour.py": [
         "messages sent 1 / received 1",
@@ -950,7 +957,7 @@ async def test_the_blocks_of_a_page_run(page: str, tmp_path: Path) -> None:
 def test_every_python_block_of_the_docs_is_run_by_a_test() -> None:
     run = files_the_tests_run()
     problems = []
-    for page in sorted(DOCS.glob("*.md")):
+    for page in sorted(DOCS.rglob("*.md")):
         executed = {
             s if isinstance(s, int) else s[0]
             for s in PAGES.get(page.name, [])
@@ -959,7 +966,7 @@ def test_every_python_block_of_the_docs_is_run_by_a_test() -> None:
         for i, block in enumerate(python_blocks(page)):
             includes = snippet_lines(block)
             if includes is None:
-                if i not in executed:
+                if i not in executed or page.parent != DOCS:
                     problems.append(f"{page.name} block {i}: neither a snippet nor run here")
                 continue
             if i in executed:
@@ -984,3 +991,52 @@ def test_the_coverage_check_sees_an_unrun_block(tmp_path: Path) -> None:
     assert snippet_lines(blocks[1]) is None
     assert "examples/quickstart.py" in files_the_tests_run()
     assert "examples/nothing.py" not in files_the_tests_run()
+
+
+# -- the commands the docs show --------------------------------------------------------------
+
+COMMAND = re.compile(r"(?:^|[\s$;&|(])ucxrpc(?: (--version|-V|--help|[a-z]+))?((?: [^#|;&]*)?)")
+
+
+def shown_commands() -> list[tuple[str, str, list[str]]]:
+    """(page, subcommand, options) of every ``ucxrpc`` command in a console/bash block."""
+    found = []
+    for page in sorted(DOCS.rglob("*.md")):
+        text = page.read_text()
+        blocks = re.findall(r"^```(console|bash)\n(.*?)^```", text, flags=re.S | re.M)
+        for kind, block in blocks:
+            for line in block.splitlines():
+                # A console block shows output too: its commands are the `$ ` lines.
+                if kind == "console" and not line.startswith("$ "):
+                    continue
+                line = line.removeprefix("$ ")
+                for m in COMMAND.finditer(line.split(" #")[0]):
+                    if m[1] and not m[1].startswith("-"):
+                        options = re.findall(r"(?<![\w-])(--[a-z][a-z-]*)", m[2] or "")
+                        found.append((page.name, m[1], options))
+    return found
+
+
+def test_every_command_and_option_the_docs_show_exists() -> None:
+    commands = shown_commands()
+    assert len(commands) > 20  # the parse finds them
+    cli = [sys.executable, "-m", "ucxrpc.cli"]
+
+    def help_of(*args: str) -> str:
+        out = subprocess.run([*cli, *args, "--help"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    top = help_of()
+    helps: dict[str, str] = {}
+    problems = []
+    for page, command, options in commands:
+        if not re.search(rf"\b{command}\b", top):
+            problems.append(f"{page}: ucxrpc {command}: no such command")
+            continue
+        if command not in helps:
+            helps[command] = help_of(command)
+        for option in options:
+            if not re.search(rf"{re.escape(option)}\b", helps[command]):
+                problems.append(f"{page}: ucxrpc {command} {option}: no such option")
+    assert problems == [], "\n".join(problems)
