@@ -37,16 +37,18 @@ import json
 import os
 import queue
 import random
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-HELPER = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "kill_peer.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "helpers"))
+
+from childproc import HELPERS, ChildProcess
+
+HELPER = HELPERS / "kill_peer.py"
 MIB = 1 << 20
 
 #: name -> ucx_options (without the UCX_ prefix). ``None``: the library's own default
@@ -71,7 +73,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-class Child:
+def idle_cpu_pct(pid: int, seconds: float = 1.0) -> int:
+    """The CPU share (%) process ``pid`` uses over the next ``seconds``."""
+    c0, w0 = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return round(100 * (cpu_seconds(pid) - c0) / (time.monotonic() - w0))
+
+
+class Child(ChildProcess):
     """One helper process: stdout lines arrive on a queue, stderr goes to a file."""
 
     def __init__(
@@ -88,92 +97,36 @@ class Child:
         if lib:  # a snapshot of the library, ahead of the editable install
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [lib, env.get("PYTHONPATH")]))
         env.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
-        self._err = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix=f"{role}-", suffix=".err", dir=logdir, delete=False
-        )
-        self.errpath = Path(self._err.name)
-        self.popen = subprocess.Popen(
-            [sys.executable, str(HELPER), role, *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-            env=env,
-        )
-        self.pid = self.popen.pid
+        super().__init__(HELPER, role, *args, env=env, logdir=logdir, errprefix=role)
         self.role = role
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._pumper = threading.Thread(target=self._pump, daemon=True)
-        self._pumper.start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        try:
-            for line in self.popen.stdout:
-                self.lines.put(line.rstrip("\n"))
-        except (OSError, ValueError):
-            pass
-        self.lines.put(None)
 
     def expect(self, prefix: str, timeout: float) -> str | None:
         """The next line starting with ``prefix`` (None: timeout or the child exited)."""
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                return None
-            if line is None:
-                self.lines.put(None)  # keep reporting EOF
-                return None
+        for line in self.lines_within(timeout):
             if line.startswith(prefix):
                 return line[len(prefix) :].strip()
             if line.startswith("ERROR"):
                 raise RuntimeError(f"{self.role} {self.pid}: {line}")
+        return None
 
-    def send(self, line: str) -> None:
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(line + "\n")
-        self.popen.stdin.flush()
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def returncode(self, wait: float = 0.0) -> int | None:
-        try:
-            return self.popen.wait(timeout=wait) if wait else self.popen.poll()
-        except subprocess.TimeoutExpired:
-            return None
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
+    def report(self, words: tuple[str, ...], timeout: float) -> str | None:
+        """The next line starting with one of ``words``, looked for while the child
+        lives (None: it ended or none came within ``timeout``)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.alive():
             try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.popen.wait(timeout=10)
+                line = self.next_line(0.5)
+            except queue.Empty:
+                continue
+            if line is None:
+                return None
+            if line.startswith(words):
+                return line
+        return None
 
-    def stop(self) -> None:
-        self.kill()
-        self._pumper.join(timeout=10)  # EOF follows the kill
-        for stream in (self.popen.stdin, self.popen.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self._err.close()
-
-    def stderr_tail(self, lines: int = 6) -> str:
-        try:
-            text = self.errpath.read_text(errors="replace")
-        except OSError:
-            return ""
-        keep = [ln for ln in text.splitlines() if ln.strip()]
-        return "\n".join(keep[-lines:])
+    def stderr_tail(self, lines: int = 6, sep: str = "\n") -> str:
+        """The last non-empty lines of its stderr."""
+        return super().stderr_tail(lines, sep)
 
 
 class Matrix:
@@ -204,25 +157,38 @@ class Matrix:
             child.stop()
         self.children.clear()
 
+    def _ready(self, role: str, what: str) -> tuple[Child, str]:
+        """Start ``role`` and wait for its READY line: the child and the rest of it."""
+        child = self.start(role)
+        ready = child.expect("READY", 30)
+        if ready is None:
+            child.stop()
+            raise RuntimeError(f"{self.name}: {what} did not start: {child.stderr_tail()}")
+        return child, ready
+
     def server(self) -> tuple[Child, int]:
-        srv = self.start("serve")
-        port = srv.expect("READY", 30)
-        if port is None:
-            srv.stop()
-            raise RuntimeError(f"{self.name}: server did not start: {srv.stderr_tail()}")
+        srv, port = self._ready("serve", "server")
         return srv, int(port)
 
     def caller(self) -> Child:
-        c = self.start("caller")
-        if c.expect("READY", 30) is None:
-            c.stop()
-            raise RuntimeError(f"{self.name}: caller did not start: {c.stderr_tail()}")
-        return c
+        return self._ready("caller", "caller")[0]
 
     def retire(self, child: Child) -> None:
         child.stop()
         if child in self.children:
             self.children.remove(child)
+
+    def _kill_mid_call(self, rec: dict[str, Any], go: str, victim: Child) -> float:
+        """SIGKILL ``victim`` after a random delay in [0, 2 x one call) (``go``: its
+        seconds per call; both go into ``rec``); the ``time.monotonic()`` of the kill."""
+        call_s = float(go)
+        delay = self.rng.uniform(0.0, 2.0 * call_s)
+        rec.update(call_s=call_s, delay=round(delay, 5))
+        time.sleep(delay)
+        t_kill = time.monotonic()
+        victim.kill()
+        self.retire(victim)
+        return t_kill
 
     # -- phases ---------------------------------------------------------------------------
 
@@ -253,12 +219,7 @@ class Matrix:
                 rec["server_rc"] = srv.returncode(wait=0.5)
                 self.retire(flood)
             else:
-                call_s = float(go)
-                delay = self.rng.uniform(0.0, 2.0 * call_s)
-                rec.update(call_s=call_s, delay=round(delay, 5))
-                time.sleep(delay)
-                flood.kill()
-                self.retire(flood)
+                self._kill_mid_call(rec, go, flood)
                 rec.update(self._probe(prober, port))
                 if "peer_state" in rec:
                     rec["server_state"] = rec.pop("peer_state")
@@ -270,19 +231,12 @@ class Matrix:
                     time.sleep(5.0)  # still deaf 5 s later: wedged for good?
                     rec["reprobe"] = self._probe(prober, port)["probe"]
                 rec["server_rc"] = srv.returncode(wait=0.05)
-            if rec["server_rc"] is not None:
-                rec["abort"] = True
-                rec["stderr"] = srv.stderr_tail()
-            elif rec.get("probe") != "ok":
-                rec["hang"] = True
             records.append(rec)
-            if rec.get("abort") or rec.get("hang"):
+            if _went_wrong(rec, srv, "server_rc", answered=rec.get("probe") == "ok"):
                 self.retire(srv)  # a fresh server for the next kill
                 srv, port = self.server()
         # What the server keeps (and burns) once every client is gone.
-        c0, w0 = cpu_seconds(srv.pid), time.monotonic()
-        time.sleep(1.0)
-        idle = round(100 * (cpu_seconds(srv.pid) - c0) / (time.monotonic() - w0))
+        idle = idle_cpu_pct(srv.pid)
         if records:
             records[-1]["server_idle_cpu_pct"] = idle
         self.retire(prober)
@@ -348,25 +302,8 @@ class Matrix:
                 rec["client_rc"] = cli.returncode(wait=0.5)
                 self.retire(srv)
             else:
-                call_s = float(go)
-                delay = self.rng.uniform(0.0, 2.0 * call_s)
-                rec.update(call_s=call_s, delay=round(delay, 5))
-                time.sleep(delay)
-                t_kill = time.monotonic()
-                srv.kill()
-                self.retire(srv)
-                line = None
-                end = time.monotonic() + 30
-                while line is None and time.monotonic() < end and cli.alive():
-                    try:
-                        got = cli.lines.get(timeout=0.5)
-                    except queue.Empty:
-                        continue
-                    if got is None:
-                        cli.lines.put(None)
-                        break
-                    if got.startswith(("LOST", "HANG", "ERROR")):
-                        line = got
+                t_kill = self._kill_mid_call(rec, go, srv)
+                line = cli.report(("LOST", "HANG", "ERROR"), 30)
                 rec["client_rc"] = cli.returncode(wait=0.2)
                 if line is None:
                     rec["report"] = "no answer"
@@ -379,14 +316,9 @@ class Matrix:
                         rec["time_to_error"] = round(data["when"] - t_kill, 4)
                     else:
                         rec["message"] = body
-            if rec["client_rc"] is not None:
-                rec["abort"] = True
-                rec["stderr"] = cli.stderr_tail()
-            elif rec.get("report") != "LOST":
-                rec["hang"] = True
             records.append(rec)
             prev = rec
-            if rec.get("abort") or rec.get("hang"):
+            if _went_wrong(rec, cli, "client_rc", answered=rec.get("report") == "LOST"):
                 self.retire(cli)
                 cli = self.caller()
                 prev = None  # nothing left to check: a fresh client
@@ -396,13 +328,23 @@ class Matrix:
             self.retire(srv)
         # Does the survivor keep burning CPU once every server is gone?
         time.sleep(1.0)
-        c0, w0 = cpu_seconds(cli.pid), time.monotonic()
-        time.sleep(1.0)
-        idle = round(100 * (cpu_seconds(cli.pid) - c0) / (time.monotonic() - w0))
+        idle = idle_cpu_pct(cli.pid)
         if records:
             records[-1]["client_idle_cpu_pct"] = idle
         self.retire(cli)
         return records
+
+
+def _went_wrong(rec: dict[str, Any], survivor: Child, rc: str, *, answered: bool) -> bool:
+    """Mark the kill of ``rec`` an abort (``rec[rc]``, the survivor's return code, is
+    set: it died; its stderr is kept) or a hang (it lives but did not ``answer``);
+    whether it is either."""
+    if rec[rc] is not None:
+        rec["abort"] = True
+        rec["stderr"] = survivor.stderr_tail()
+    elif not answered:
+        rec["hang"] = True
+    return bool(rec.get("abort") or rec.get("hang"))
 
 
 def summarize(rows: list[dict[str, Any]], direction: str) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from faultlib import arm_self_kill, say, state
+from transfer_rpcs import add_transfer_rpcs
 
 import ucxrpc
 
@@ -40,12 +41,7 @@ COUNTS = {
     "plain_finished": 0,
 }
 _LOCK = threading.Lock()  # plain handlers count from the handler threads
-_PAYLOADS: dict[int, bytes] = {}
-
-
-@server.rpc
-async def ping() -> str:
-    return "PONG"
+add_transfer_rpcs(server, memoryview)  # ping, sink, echo, big: zero-copy
 
 
 @server.rpc
@@ -85,24 +81,6 @@ def plain(seconds: float) -> str:
     with _LOCK:
         COUNTS["plain_finished"] += 1
     return "PLAIN"
-
-
-@server.rpc
-async def sink(data: memoryview) -> int:
-    return len(data)
-
-
-@server.rpc
-async def echo(data: memoryview) -> memoryview:
-    return data
-
-
-@server.rpc
-async def big(n: int) -> bytes:
-    payload = _PAYLOADS.get(n)
-    if payload is None:
-        payload = _PAYLOADS[n] = os.urandom(n)
-    return payload
 
 
 @server.rpc

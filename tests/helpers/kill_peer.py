@@ -39,6 +39,8 @@ import sys
 import time
 from typing import Any
 
+from transfer_rpcs import add_transfer_rpcs
+
 import ucxrpc
 
 HANG_SECONDS = float(os.environ.get("KILL_PEER_HANG", "10"))
@@ -90,30 +92,10 @@ def engine_state(manager: ucxrpc.Manager) -> dict[str, Any]:
 
 # -- serve ------------------------------------------------------------------------------------
 
-_PAYLOADS: dict[int, bytes] = {}
-
 
 def make_server(manager_box: list[ucxrpc.Manager]) -> ucxrpc.Server:
     server = ucxrpc.Server()
-
-    @server.rpc
-    async def ping() -> str:
-        return "PONG"
-
-    @server.rpc
-    async def sink(data: bytes) -> int:
-        return len(data)
-
-    @server.rpc
-    async def echo(data: bytes) -> bytes:
-        return data
-
-    @server.rpc
-    async def big(n: int) -> bytes:
-        payload = _PAYLOADS.get(n)
-        if payload is None:
-            payload = _PAYLOADS[n] = os.urandom(n)
-        return payload
+    add_transfer_rpcs(server, bytes)  # ping, sink, echo, big
 
     @server.rpc
     async def stats() -> dict[str, Any]:

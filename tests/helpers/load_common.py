@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import random
-import signal
 import struct
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
-HELPERS = Path(__file__).resolve().parent
+from childproc import HELPERS, ChildProcess
+
 KIB = 1 << 10
 MIB = 1 << 20
 
@@ -95,7 +91,7 @@ async def stdin_reader() -> asyncio.StreamReader:
     return reader
 
 
-class Child:
+class Child(ChildProcess):
     """A helper process started with subprocess (fork+exec: nothing of UCX inherited).
 
     Its stdout lines arrive on a queue read by a thread; its stderr goes to a file whose
@@ -111,33 +107,9 @@ class Child:
     def __init__(
         self, script: str, *args: str, logdir: Path, env: dict[str, str] | None = None
     ) -> None:
-        self._err = tempfile.NamedTemporaryFile(  # noqa: SIM115 - closed in stop()
-            prefix=f"{Path(script).stem}-", suffix=".err", dir=logdir, delete=False
-        )
-        self.errpath = Path(self._err.name)
         full = {**os.environ, "UCX_WARN_UNUSED_ENV_VARS": "n", **(env or {})}
-        self.popen = subprocess.Popen(
-            [sys.executable, str(HELPERS / script), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._err,
-            text=True,
-            env=full,
-        )
-        self.pid = self.popen.pid
+        super().__init__(HELPERS / script, *args, env=full, logdir=logdir)
         self.name = f"{Path(script).stem} {' '.join(args[:2])} (pid {self.pid})"
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self._pumper = threading.Thread(target=self._pump, daemon=True)
-        self._pumper.start()
-
-    def _pump(self) -> None:
-        assert self.popen.stdout is not None
-        try:
-            for line in self.popen.stdout:
-                self.lines.put(line.rstrip("\n"))
-        except (OSError, ValueError):
-            pass
-        self.lines.put(None)
 
     def expect(self, word: str, timeout: float) -> str:
         """The rest of the next line starting with ``word``.
@@ -153,60 +125,25 @@ class Child:
         Raises:
             RuntimeError: The child printed ERROR, exited, or said nothing in time.
         """
-        end = time.monotonic() + timeout
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                raise RuntimeError(
-                    f"{self.name} was silent {timeout:.0f} s waiting for {'/'.join(words)}: "
-                    f"{self.stderr_tail()}"
-                )
-            try:
-                line = self.lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                self.lines.put(None)  # keep reporting the end
-                raise RuntimeError(
-                    f"{self.name} exited ({self.popen.poll()}) waiting for "
-                    f"{'/'.join(words)}: {self.stderr_tail()}"
-                )
+        for line in self.lines_within(timeout):
             if line.startswith("ERROR"):
                 raise RuntimeError(f"{self.name}: {line} {self.stderr_tail()}")
             first, _, rest = line.partition(" ")
             if first in words:
                 return first, rest.strip()
+        if self.eof:
+            raise RuntimeError(
+                f"{self.name} exited ({self.popen.poll()}) waiting for "
+                f"{'/'.join(words)}: {self.stderr_tail()}"
+            )
+        raise RuntimeError(
+            f"{self.name} was silent {timeout:.0f} s waiting for {'/'.join(words)}: "
+            f"{self.stderr_tail()}"
+        )
 
-    def send(self, line: str) -> None:
-        """Write one command line to the child's stdin."""
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(line + "\n")
-        self.popen.stdin.flush()
-
-    def stop(self) -> None:
-        """SIGKILL it (by pid) if it still runs, and release its pipes and files."""
-        if self.popen.poll() is None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.popen.wait(timeout=10)
-        self._pumper.join(timeout=10)
-        for stream in (self.popen.stdin, self.popen.stdout):
-            if stream is not None:
-                try:
-                    stream.close()
-                except OSError:
-                    pass
-        self._err.close()
-
-    def stderr_tail(self, lines: int = 8) -> str:
+    def stderr_tail(self, lines: int = 8, sep: str = " | ") -> str:
         """The last non-empty lines of its stderr."""
-        try:
-            text = self.errpath.read_text(errors="replace")
-        except OSError:
-            return ""
-        return " | ".join([ln for ln in text.splitlines() if ln.strip()][-lines:])
+        return super().stderr_tail(lines, sep)
 
 
 class Children:
