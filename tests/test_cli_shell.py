@@ -123,18 +123,17 @@ def test_ctrl_c_cancels_the_running_call_and_the_prompt_comes_back(
     assert "Traceback" not in term.output
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="in 2 of 2 full-suite runs the prompt did not come back after a Ctrl-C typed "
-    "at the prompt (never when run alone, nor with the file): cause not found yet",
-)
 def test_ctrl_c_at_the_prompt_drops_the_line_typed_so_far(address: str, terminal: Any) -> None:
+    # Each round types Ctrl-C just after the shell echoed the last character: the
+    # moment readline is still out of its select(), where a SIGINT used to be noted
+    # but not acted on until the next key (the prompt did not come back).
     term = terminal("shell", address)
     term.expect("rpc> ")
-    term.type("cal")
-    term.expect("cal")  # the shell has read it: its echo shows it
-    term.type("\x03")
-    term.expect("rpc> ", timeout=10)
+    for partial in ("cal", "list --wi", ""):
+        term.type(partial)
+        term.expect(partial)  # the shell has read it: readline's echo shows it
+        term.type("\x03")
+        term.expect("rpc> ", timeout=10)
     term.type("call ping\n")
     shown = term.expect("rpc> ")
     assert '"PONG"' in shown and "unknown command" not in shown, shown

@@ -12,7 +12,8 @@ cancels the running command (or the line being typed) and Ctrl-D ends the sessio
 
 The connections live on an event loop in a second thread, and the main thread reads
 the commands: there Ctrl-C arrives as :class:`KeyboardInterrupt`, in the middle of
-``input()`` or of the wait for a command, and cancels only that.
+``input()`` or of the wait for a command, and cancels only that (:class:`_Interrupts`
+makes sure it does arrive).
 """
 
 from __future__ import annotations
@@ -494,6 +495,99 @@ def _complain(message: str) -> None:
     sys.stderr.flush()
 
 
+#: The signal that interrupts the main thread's read after a Ctrl-C; SIGURG because its
+#: default action is to ignore it (one sent late, after the shell, does nothing) and
+#: nothing else in the process uses it.
+_POKE = signal.SIGURG
+#: Seconds between two pokes while the main thread has not taken the Ctrl-C yet.
+_POKE_EVERY = 0.02
+#: Seconds of pokes after one Ctrl-C at most (a Ctrl-C the main thread took before
+#: the watcher saw it leads to pokes that find nothing to do, until then).
+_POKE_FOR = 2.0
+
+
+class _Interrupts:
+    """Makes every Ctrl-C reach the main thread as :class:`KeyboardInterrupt`, promptly.
+
+    Python runs its SIGINT handler, which raises the :class:`KeyboardInterrupt`, only
+    in the main thread and only between bytecodes or when a blocking call fails
+    with EINTR. ``input()`` with readline waits in a ``select()`` without timeout
+    and checks for signals only when that ``select()`` fails with EINTR
+    (``readline_until_enter_or_signal`` in CPython's Modules/readline.c; see
+    python/cpython#112585). A SIGINT that lands while the main thread is out of that
+    ``select()`` (echoing the character just typed, drawing the prompt) or in
+    another thread (OpenBLAS's, started by numpy's import before any mask could be
+    set, takes signals too) only marks the handler as due: the ``select()`` then
+    waits for the next key, and the prompt does not come back.
+
+    So every SIGINT, in whichever thread, also writes to a wakeup fd
+    (:func:`signal.set_wakeup_fd`); a thread reading it sends :data:`_POKE` to the
+    main thread, whose handler does nothing, until the SIGINT handler has run: the
+    poke fails the ``select()`` with EINTR and readline then raises the
+    :class:`KeyboardInterrupt`. A poke is a signal of its own, not SIGINT again,
+    so one too many cannot raise a second :class:`KeyboardInterrupt`.
+    """
+
+    def __init__(self) -> None:
+        self._handled = 0  # SIGINT handler runs, written by the main thread only
+        self._main = threading.main_thread().ident
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)  # set_wakeup_fd wants it so
+        self._previous: Any = None
+        self._thread = threading.Thread(target=self._watch, name="ucxrpc-shell-sigint", daemon=True)
+        self._installed = False
+
+    def install(self) -> None:
+        """Take over SIGINT (main thread only; nothing if SIGINT is not Python's)."""
+        if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return  # ignored (started in the background) or someone else's handler
+        signal.signal(_POKE, _ignore)
+        self._previous = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGINT, self._on_sigint)
+        self._installed = True
+        self._thread.start()
+
+    def uninstall(self) -> None:
+        """Give SIGINT back and stop the watching thread (bounded)."""
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.set_wakeup_fd(self._previous)
+            self._installed = False
+            try:
+                os.write(self._write, b"\0")  # the watcher's signal to stop
+            except BlockingIOError:
+                pass  # 64 KiB of signals unread: the daemon thread is left behind
+            self._thread.join(timeout=5)
+            signal.signal(_POKE, signal.SIG_DFL)
+        if not self._thread.is_alive():
+            os.close(self._read)
+            os.close(self._write)
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self._handled += 1
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        acked = self._handled
+        while True:
+            data = os.read(self._read, 512)
+            if not data or 0 in data:
+                return
+            if signal.SIGINT not in data:
+                continue  # the pokes' own bytes
+            # Poke until the handler has run since the last Ctrl-C seen here.
+            deadline = time.monotonic() + _POKE_FOR
+            while self._handled == acked and self._installed and time.monotonic() < deadline:
+                assert self._main is not None
+                signal.pthread_kill(self._main, _POKE)
+                time.sleep(_POKE_EVERY)
+            acked = self._handled
+
+
+def _ignore(signum: int, frame: Any) -> None:
+    """A handler that does nothing: its signal is only there to fail a blocking call."""
+
+
 #: Seconds a cancelled command may take to unwind before the prompt comes back anyway.
 CANCEL_WAIT = 5.0
 #: Seconds between checks for Ctrl-C while a command runs (signals reach the main
@@ -533,9 +627,10 @@ class _Session:
     def _run(self) -> None:
         from . import run
 
-        # Ctrl-C must reach the main thread (reading the commands), never this one or
-        # the threads UCX starts from it: a SIGINT taken here would not wake the main
-        # thread's read of the next line, and the prompt would not come back.
+        # Ctrl-C is the main thread's business: blocked here (and so in the threads UCX
+        # starts from here, which inherit the mask), it interrupts none of the loop's
+        # or UCX's system calls. Threads started before this one may still take it:
+        # _Interrupts then passes it on to the main thread.
         if hasattr(signal, "pthread_sigmask"):
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
@@ -565,18 +660,36 @@ class _Session:
             KeyboardInterrupt: The command was cancelled (it has ended, or
                 :data:`CANCEL_WAIT` passed).
         """
-        assert self.loop is not None
+        loop = self.loop
+        assert loop is not None
+        # The outcome comes back through a list, an Event read with is_set() and the
+        # wake pipe: none takes a lock in this thread, where a KeyboardInterrupt
+        # raised while one is held could leave it held for the loop's thread.
         finished = threading.Event()
+        outcome: list[tuple[bool, Any]] = []
+        tasks: list[asyncio.Task[bool]] = []
         wake = self._wake_w
 
-        async def command() -> bool:
-            try:
-                return await coro
-            finally:
-                finished.set()
-                os.write(wake, b"!")
+        def done(task: asyncio.Task[bool]) -> None:  # on the loop
+            if task.cancelled():  # by Ctrl-C, or by the loop's end: reported as Ctrl-C's
+                outcome.append((False, KeyboardInterrupt()))
+            elif (exc := task.exception()) is not None:
+                outcome.append((False, exc))
+            else:
+                outcome.append((True, task.result()))
+            finished.set()
+            os.write(wake, b"!")
 
-        future = asyncio.run_coroutine_threadsafe(command(), self.loop)
+        def start() -> None:  # on the loop
+            task = loop.create_task(coro)
+            task.add_done_callback(done)
+            tasks.append(task)
+
+        def cancel() -> None:  # on the loop, after start(): call_soon keeps the order
+            for task in tasks:
+                task.cancel()
+
+        loop.call_soon_threadsafe(start)
         try:
             while not finished.is_set():
                 fd = stdin.watched()
@@ -587,16 +700,28 @@ class _Session:
                 if fd is not None and fd in ready:
                     stdin.take()
         except KeyboardInterrupt:
-            future.cancel()
-            deadline = time.monotonic() + CANCEL_WAIT
-            while not finished.is_set() and time.monotonic() < deadline:
-                try:
-                    finished.wait(_POLL)
-                except KeyboardInterrupt:
-                    break  # a second Ctrl-C: stop waiting for it
+            self._cancel(loop, cancel, finished)
             raise
-        concurrent.futures.wait([future], timeout=CANCEL_WAIT)
-        return future.result()
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return bool(value)
+
+    def _cancel(
+        self, loop: asyncio.AbstractEventLoop, cancel: Callable[[], None], finished: threading.Event
+    ) -> None:
+        """Cancel the running command and wait for it to end (bounded)."""
+        deadline = time.monotonic() + CANCEL_WAIT
+        asked = False
+        while not finished.is_set() and time.monotonic() < deadline:
+            try:
+                if not asked:
+                    loop.call_soon_threadsafe(cancel)  # twice is harmless
+                    asked = True
+                select.select([self._wake_r], [], [], _POLL)
+            except KeyboardInterrupt:
+                if asked:
+                    return  # a second Ctrl-C: stop waiting for it
 
     def close(self) -> None:
         """Close the connection and stop the loop (bounded)."""
@@ -663,8 +788,10 @@ def run_shell(address: str, *, connect_timeout: float | None = None) -> int:
     """
     parse_address(address)
     session = _Session(address, connect_timeout)
+    interrupts = _Interrupts()
     try:
         commands = session.start()
+        interrupts.install()
         stdin = _Input()
         if stdin.tty:
             _say("type 'help' for the commands; Ctrl-C cancels one, Ctrl-D leaves")
@@ -673,6 +800,7 @@ def run_shell(address: str, *, connect_timeout: float | None = None) -> int:
         finally:
             stdin.save()
     finally:
+        interrupts.uninstall()
         session.close()
     return 0
 
@@ -681,18 +809,27 @@ def _loop(session: _Session, commands: _Commands, stdin: _Input) -> None:
     prompt = commands.prompt if stdin.tty else ""
     while True:
         try:
-            line = stdin.line(prompt)
-        except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line typed so far
-            print(flush=True)
-            continue
-        if line is None:
-            return
-        try:
-            if not session.run(commands.execute(line), stdin):
+            if not _step(session, commands, stdin, prompt):
                 return
-        except KeyboardInterrupt:
-            _complain("cancelled")
-        except (ShellError, CliError, RpcError) as exc:
-            _complain(str(exc))
-        except Exception as exc:  # one failed command must not end the session
-            _complain(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))
+        except KeyboardInterrupt:  # between two reads, or while one was reported
+            continue
+
+
+def _step(session: _Session, commands: _Commands, stdin: _Input, prompt: str) -> bool:
+    """Read and run one command; False once the session is over."""
+    try:
+        line = stdin.line(prompt)
+    except KeyboardInterrupt:  # Ctrl-C at the prompt drops the line typed so far
+        print(flush=True)
+        return True
+    if line is None:
+        return False
+    try:
+        return session.run(commands.execute(line), stdin)
+    except KeyboardInterrupt:
+        _complain("cancelled")
+    except (ShellError, CliError, RpcError) as exc:
+        _complain(str(exc))
+    except Exception as exc:  # one failed command must not end the session
+        _complain(f"{type(exc).__name__}: {exc}" if str(exc) else repr(exc))
+    return True
