@@ -29,6 +29,7 @@ from ..io.control import KEY_SIZE, answer, listen, refuse, serve_control
 from ..io.link import Link
 from ..io.runtime import is_loopback
 from ..io.sched import PriorityLimiter
+from ..protocol.starts import StartQueue
 from ..wire import codec
 from ..wire.codec import Flags, Kind
 from .context import CallContext, enter
@@ -83,6 +84,10 @@ class Server:
         self.health = Health()
         self._add_builtin_methods()
         self._limiter = PriorityLimiter(max_concurrency)
+        #: Calls delivered but not started yet, of every connection (see START_BUDGET).
+        self._starts: StartQueue[_Queued] = StartQueue(START_BUDGET)
+        self._turn_pending = False
+        self._turn_on: Runtime | None = None
         self._manager: Runtime | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[_ServerConn] = set()
@@ -256,6 +261,9 @@ class Server:
         self._manager = manager
         self._stopped = asyncio.Event()
         self._draining = False
+        # A new start: a turn left pending by an engine that closed never comes.
+        self._starts = StartQueue(START_BUDGET)
+        self._turn_pending = False
         self.health.resume()
         try:
             self._tcp = await listen(self._accept, host, port)
@@ -294,7 +302,7 @@ class Server:
     @property
     def inflight(self) -> int:
         """Calls currently running or queued."""
-        return sum(len(c.calls) + len(c.queued) for c in self._conns)
+        return sum(len(c.calls) for c in self._conns) + len(self._starts)
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`stop` is called (from another task or a signal handler)."""
@@ -397,6 +405,30 @@ class Server:
                 await conn.close()
 
     # -- calls -----------------------------------------------------------------------------------
+
+    def _offer(self, conn: _ServerConn, key: int, priority: int, item: _Queued) -> bool:
+        """A call was delivered: True if it starts now, False if it waits for a turn."""
+        now = self._starts.offer(conn, key, priority, item)
+        self._schedule_turn(conn.manager)
+        return now
+
+    def _schedule_turn(self, manager: Runtime) -> None:
+        # At the end of the next drive: the calls that drive delivers (another
+        # connection's single call) are started before the waiting ones of a burst.
+        if not self._turn_pending:
+            self._turn_pending = True
+            self._turn_on = manager
+            manager.engine.after_drive(self._turn)
+
+    def _turn(self) -> None:
+        """A new loop iteration: start the calls whose turn it is."""
+        self._turn_pending = False
+        starts = self._starts
+        for conn, header, payload, parts, deadline in starts.turn():
+            conn._launch(header, payload, parts, deadline)
+        if starts.busy and self._turn_on is not None:
+            # The budget starts again on the next drive, or calls still wait.
+            self._schedule_turn(self._turn_on)
 
     async def _run_call(
         self,
@@ -591,6 +623,14 @@ def _feed_input(
             return
 
 
+#: Calls the server starts per loop iteration, over all its connections; more wait for
+#: later iterations, connections taking turns (:class:`~ucxrpc.protocol.starts.StartQueue`).
+START_BUDGET = 8
+
+#: A call waiting to start: its connection, header, payload, parts and deadline.
+_Queued = tuple["_ServerConn", codec.Header, memoryview, list[Any], "float | None"]
+
+
 def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     if (
         type(payload) is not list
@@ -605,10 +645,6 @@ def _split_args(payload: Any) -> tuple[list[Any], dict[str, Any]]:
     return payload[0], kwargs
 
 
-#: Calls one connection starts per loop iteration; more wait for the next iterations.
-START_SLICE = 16
-
-
 class _ServerConn:
     """The server's side of one client connection (the owner of its link)."""
 
@@ -618,11 +654,8 @@ class _ServerConn:
         self.writer = writer
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.notes: set[asyncio.Task[None]] = set()
-        #: Calls delivered but not started yet (see START_SLICE), by call id; a
-        #: notification has a key of its own (negative).
-        self.queued: dict[int, tuple[codec.Header, memoryview, list[Any], float | None]] = {}
-        self._started_now = 0  # tasks started in this loop iteration
-        self._slice_pending = False
+        #: The key of the next notification waiting to start (a call waits under its
+        #: id; notifications have none, so they take negative keys).
         self._next_note = -1
         self.credits: dict[int, Credit] = {}
         self.inputs: dict[int, InputStream] = {}
@@ -699,7 +732,7 @@ class _ServerConn:
         if self._closed or kind is Kind.NOTIFY:
             return
         task = self.calls.get(call_id)
-        running = task is not None or call_id in self.queued
+        running = task is not None or self.server._starts.has(self, call_id)
         if kind is not Kind.REQUEST and kind is not Kind.STREAM:
             if task is not None:
                 task.cancel()  # a broken CANCEL or CREDIT for a running call ends it
@@ -743,7 +776,8 @@ class _ServerConn:
             if not notify:
                 self.reply_error(call_id, Unavailable("the server is shutting down"))
             return
-        if not notify and (call_id in self.calls or call_id in self.queued):
+        starts = self.server._starts
+        if not notify and (call_id in self.calls or starts.has(self, call_id)):
             self.reply_error(call_id, ProtocolError(f"call id {call_id} is already in flight"))
             return
         # Replies the peer has not taken yet are bounded too, on their own: a peer that
@@ -751,7 +785,7 @@ class _ServerConn:
         # (Not added to the running calls: a reply's send may complete only after
         # the client, which counts the call until its reply arrives, sent the next.)
         pending = 0 if self.link is None else self.link.pending_sends
-        running = len(self.calls) + len(self.notes) + len(self.queued)
+        running = len(self.calls) + len(self.notes) + starts.waiting(self)
         if running >= self._max_inflight or pending >= self._max_inflight:
             if not notify:
                 self.reply_error(
@@ -762,47 +796,27 @@ class _ServerConn:
         if header.flags & _INPUT_STREAM and not notify:
             # Registered now: its items may arrive before the call starts.
             self.inputs[call_id] = InputStream(self.window, functools.partial(self._grant, call_id))
-        if self._started_now >= START_SLICE or self.queued:
-            # This connection started its slice in this loop iteration: the rest wait
-            # for the next ones, so one client's burst cannot put more than a slice of
-            # tasks ahead of another client's call on the loop's (FIFO) ready queue.
-            key = call_id
-            if notify:
-                key, self._next_note = self._next_note, self._next_note - 1
-            self.queued[key] = (header, payload, parts, deadline)
-            self._schedule_slice()
-            return
-        self._launch(header, payload, parts, deadline)
-
-    def _schedule_slice(self) -> None:
-        if not self._slice_pending:
-            self._slice_pending = True
-            self._loop.call_soon(self._next_slice)
-
-    def _next_slice(self) -> None:
-        self._slice_pending = False
-        self._started_now = 0
-        if self._closed:
-            return
-        while self.queued and self._started_now < START_SLICE:
-            key = next(iter(self.queued))
-            header, payload, parts, deadline = self.queued.pop(key)
+        key = call_id
+        if notify:
+            key, self._next_note = self._next_note, self._next_note - 1
+        priority = header.priority
+        if priority is None:
+            handler = self.server._handlers.get(header.method)
+            priority = Priority.NORMAL if handler is None else handler.priority
+        if self.server._offer(self, key, priority, (self, header, payload, parts, deadline)):
             self._launch(header, payload, parts, deadline)
-        if self.queued:
-            self._schedule_slice()
 
     def _drop_queued(self, call_id: int) -> bool:
         """Forget a call not started yet; False if there is none of that id."""
-        if self.queued.pop(call_id, None) is None:
+        if self.server._starts.drop(self, call_id) is None:
             return False
         self.inputs.pop(call_id, None)
         return True
 
     def start_all(self) -> None:
         """Start every queued call now (the server is draining: they were accepted)."""
-        while self.queued:
-            key = next(iter(self.queued))
-            self._launch(*self.queued.pop(key))
+        for _, header, payload, parts, deadline in self.server._starts.remove(self):
+            self._launch(header, payload, parts, deadline)
 
     def _launch(
         self,
@@ -812,13 +826,8 @@ class _ServerConn:
         deadline: float | None,
     ) -> None:
         call_id = header.call_id
-        notify = header.kind is Kind.NOTIFY
-        if self._started_now == 0 and not self._slice_pending:
-            self._slice_pending = True
-            self._loop.call_soon(self._next_slice)  # the count starts again next iteration
-        self._started_now += 1
         task = self._loop.create_task(self.server._run_call(self, header, payload, parts, deadline))
-        if notify:
+        if header.kind is Kind.NOTIFY:
             self.notes.add(task)
             task.add_done_callback(self.notes.discard)
         else:
@@ -936,7 +945,7 @@ class _ServerConn:
             return
         self._closed = True
         self.server._conns.discard(self)
-        self.queued.clear()  # never started: nobody awaits them now
+        self.server._starts.discard(self)  # never started: nobody awaits them now
         tasks = [*self.calls.values(), *self.notes]
         for task in tasks:
             task.cancel()

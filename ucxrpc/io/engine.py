@@ -20,11 +20,14 @@ posted; one still waiting after a few drives (a send to a peer that does not rec
 joins the old, which are swept a bounded slice per drive. So a drive costs what arrived,
 what was posted and a constant, not how much is in flight.
 
-A drive does a bounded amount of work (``max_probes`` arrivals), then yields to the
-loop, so timers, heartbeats and other tasks run while a peer floods; the frames one
-drive found are handed over taking connections in turn, so a flooding peer's frames
-do not all go before another peer's. An exception in a
-drive is logged (once per kind) and the drive is rescheduled: progress never stops.
+A drive does a bounded amount of work, then yields to the loop, so timers, heartbeats
+and other tasks run while a peer floods: it hands arrived frames over for about
+``drive_time`` (passes over the frame rings, ``ring_slice`` frames from each per pass,
+the rings taking turns at going first; then UCX's arrivals, at most ``max_probes``).
+Every source gets its share on every drive, and the frames one drive found over UCX
+are handed over taking connections in turn, so a flooding peer's frames do not all go
+before another peer's. An exception in a drive is logged (once per kind) and the
+drive is rescheduled: progress never stops.
 """
 
 from __future__ import annotations
@@ -44,7 +47,19 @@ from . import shared
 from .ucx import Array
 from .ucx import lib as _ucx
 
-__all__ = ["FORKED_MESSAGE", "Engine", "Op", "RingSource", "Router", "convert_ucx_error"]
+__all__ = [
+    "CONTENDED_FOR",
+    "CONTENDED_YIELD",
+    "DRIVE_TIME",
+    "PROBES_ALWAYS",
+    "FORKED_MESSAGE",
+    "RING_SLICE",
+    "Engine",
+    "Op",
+    "RingSource",
+    "Router",
+    "convert_ucx_error",
+]
 
 log = logging.getLogger("ucxrpc")
 
@@ -148,6 +163,18 @@ FORKED_MESSAGE: Final = (
 _sched_yield: Callable[[], None] = getattr(os, "sched_yield", lambda: None)
 
 
+#: Frames a drive takes from one frame ring per pass (see :class:`Engine`).
+RING_SLICE = 8
+#: Seconds a drive spends handing arrived frames over before it yields (see :class:`Engine`).
+DRIVE_TIME = 100e-6
+#: Frames a drive takes from UCX even when the rings spent its time (so both progress).
+PROBES_ALWAYS = 16
+#: A yield that kept the core away this long (seconds) means the cores are contended.
+CONTENDED_YIELD = 200e-6
+#: Seconds an engine that found the cores contended sleeps when idle instead of spinning.
+CONTENDED_FOR = 0.05
+
+
 class Engine:
     """Progress engine for one worker. Created and owned by a Manager.
 
@@ -163,6 +190,12 @@ class Engine:
         junk_limit: The longest message :meth:`discard` consumes; a longer one is
             left unreceived (its sender is misbehaving and gets disconnected).
         max_probes: Arrivals handled per drive before yielding to the loop.
+        ring_slice: Frames taken from each frame ring per pass over the rings.
+        drive_time: Seconds a drive hands arrived frames over before it yields
+            (another pass over the rings, more probes), at least one pass over the
+            rings and ``PROBES_ALWAYS`` UCX frames. Short: the calls a drive
+            delivers start after it, so a long drive keeps every other connection's
+            next call waiting while a peer floods.
     """
 
     def __init__(
@@ -176,6 +209,8 @@ class Engine:
         reply_spin: float | None = None,
         junk_limit: int,
         max_probes: int = 256,
+        ring_slice: int = RING_SLICE,
+        drive_time: float = DRIVE_TIME,
     ) -> None:
         self._worker = worker
         self._loop = loop
@@ -211,6 +246,11 @@ class Engine:
         #: Request completions checked (what reaping cost, summed over drives).
         self.checked = 0
         self._rings: list[RingSource] = []
+        self._ring_slice = ring_slice
+        self._after: list[Callable[[], None]] = []
+        self._contended_until = 0.0  # until then, sleep as soon as a drive finds nothing
+        self._drive_time = drive_time
+        self._first_ring = 0  # the rings take turns at being polled first
         self._wake_fd: int | None = None
         self._nap: asyncio.TimerHandle | None = None
         self._nap_for = _NAP
@@ -266,6 +306,13 @@ class Engine:
             self._nap.cancel()
             self._nap = None
 
+    def after_drive(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` once, at the end of the next drive: after the arrivals that
+        drive hands over, so what it starts queues behind what they started. The
+        engine keeps driving (it does not sleep) while such callbacks wait."""
+        self._after.append(callback)
+        self.kick()
+
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
         if not self._scheduled and not self._closed:
@@ -282,17 +329,29 @@ class Engine:
             active = self._step()
         except Exception as exc:  # never let one bad drive stop progress for good
             self._failed("drive", exc)
+        if self._after:
+            after, self._after = self._after, []
+            for callback in after:
+                try:
+                    callback()
+                except Exception as exc:
+                    self._failed("after drive", exc)
+            active = True
         now = time.perf_counter()
         if active:
             self._last_event = now
             if self._nap is not None or self._nap_for != _NAP:
                 self._awake()
-        elif not self._poll_forever and now - self._last_event >= (
-            # While a peer copies a large part out of this process the reply is a
-            # copy away, and a long spin would take the core that copy runs on.
-            self._reply_spin
-            if self.awaiting > 0 and not shared.Exports.process_lending
-            else self._spin
+        elif not self._poll_forever and (
+            now < self._contended_until
+            or now - self._last_event
+            >= (
+                # While a peer copies a large part out of this process the reply is a
+                # copy away, and a long spin would take the core that copy runs on.
+                self._reply_spin
+                if self.awaiting > 0 and not shared.Exports.process_lending
+                else self._spin
+            )
         ):
             rings = self._rings
             try:
@@ -315,8 +374,15 @@ class Engine:
             # (the peer, or other processes waiting for theirs). Free on an idle core;
             # with more processes than cores, spinners otherwise starve the server.
             _sched_yield()
-        self._scheduled = True
-        self._loop.call_soon(self._drive)
+            if time.perf_counter() - now > CONTENDED_YIELD:
+                # The core went to another process for a while: there are more
+                # runnable processes than cores. Spinning then costs a whole time
+                # slice of theirs each time it yields, while a sleeper is woken
+                # (and run first) as soon as its message lands: sleep when idle.
+                self._contended_until = now + CONTENDED_FOR
+        if not self._scheduled:  # (a callback run after this drive may have kicked)
+            self._scheduled = True
+            self._loop.call_soon(self._drive)
 
     def _step(self) -> bool:
         worker = self._worker
@@ -331,18 +397,35 @@ class Engine:
             self._reap()
         budget = self._max_probes
         found = 0
+        # Arrivals are handed over until the drive has spent its time: the tasks they
+        # start run after it, and a long drive would keep every other connection's
+        # next call waiting (each source still gets a share on every drive).
+        until = time.perf_counter() + self._drive_time
         if self._rings:
-            rings = list(self._rings)  # a frame may close its link, and its ring
+            rings = self._rings
+            first = self._first_ring % len(rings)
+            self._first_ring = first + 1
+            rings = rings[first:] + rings[:first]  # a copy: a frame may close its ring
             if self._dozing:  # woken (by a writer or by UCX): writers need not ring
                 self._dozing = False
                 for ring in rings:
                     ring.rouse()
-            for ring in rings:
-                try:
-                    found += ring.poll()
-                except Exception as exc:  # one connection's bug must not stop the others
-                    self._failed("ring", exc)
-        found += self._probe_frames(budget)
+            limit = self._ring_slice
+            while rings:
+                more = []
+                for ring in rings:
+                    try:
+                        got = ring.poll(limit)
+                    except Exception as exc:  # one connection's bug must not stop the others
+                        self._failed("ring", exc)
+                        continue
+                    found += got
+                    if got == limit:
+                        more.append(ring)
+                if time.perf_counter() >= until:
+                    break
+                rings = more
+        found += self._probe_frames(budget, until)
         if found < budget:
             found += self._probe_parts(budget - found)
         # Work left over (the budget ran out, a sweep unfinished) keeps the drive active.
@@ -473,12 +556,13 @@ class Engine:
 
     # -- arrivals -------------------------------------------------------------------------
 
-    def _probe_frames(self, budget: int) -> int:
+    def _probe_frames(self, budget: int, until: float) -> int:
         worker = self._worker
         router = self._router
         found = 0
         ready: dict[int, list[tuple[int, bytearray]]] | None = None  # made when needed
-        while found < budget:
+        clock = time.perf_counter
+        while found < budget and (found < PROBES_ALWAYS or clock() < until):
             probe = worker.tag_probe(_FRAME_TAG, _FRAME_MASK, True)
             if not probe.matched:
                 break
