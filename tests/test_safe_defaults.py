@@ -121,20 +121,51 @@ def _listening(pid: int) -> set[str]:
 LOOPBACK_HEX = {"0100007F", "00000000000000000000000001000000"}
 
 
-async def test_a_server_on_loopback_listens_on_loopback_only(spawn: Any) -> None:
-    # helpers/serve.py serves on 127.0.0.1; UCX used to listen on every device too
-    # (tcp/eth0), reachable from other hosts.
-    proc = spawn("serve.py")
-    port = int(proc.read_ready()[0])
+#: A client of its own (this process may hold other tests' managers): it connects to
+#: the server on 127.0.0.1, makes a small and a large call, says READY and waits.
+_LOOPBACK_CLIENT = """
+import asyncio, sys
+import ucxrpc
+
+async def main():
     async with ucxrpc.Manager() as manager:
-        client = await manager.connect("127.0.0.1", port)
+        client = await manager.connect("127.0.0.1", int(sys.argv[1]))
         assert await client.call("ping") == "PONG"
         assert await client.call("reverse", bytes(1 << 20)) == bytes(1 << 20)
         assert manager.confined
-        for pid in (proc.pid, os.getpid()):
+        print("READY", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await client.close()
+
+ucxrpc.run(main())
+"""
+
+
+async def test_a_server_on_loopback_listens_on_loopback_only(spawn: Any) -> None:
+    # helpers/serve.py serves on 127.0.0.1; UCX used to listen on every device too
+    # (tcp/eth0), reachable from other hosts. Server and client each in a process of
+    # its own, looked at while both are connected.
+    proc = spawn("serve.py")
+    port = int(proc.read_ready()[0])
+    client = subprocess.Popen(
+        [sys.executable, "-c", _LOOPBACK_CLIENT, str(port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert client.stdout is not None and client.stdin is not None
+        line = await asyncio.wait_for(asyncio.to_thread(client.stdout.readline), 60)
+        assert line.strip() == "READY", line
+        for pid in (proc.pid, client.pid):
             addresses = _listening(pid)
             assert addresses and addresses <= LOOPBACK_HEX, (pid, addresses)
-        await client.close()
+        await asyncio.to_thread(client.communicate, "\n", 30)
+        assert client.returncode == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+        client.communicate(timeout=10)
 
 
 async def test_a_manager_kept_on_loopback_says_so_when_asked_for_more() -> None:

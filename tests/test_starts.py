@@ -30,15 +30,15 @@ def test_a_connection_with_one_call_never_waits_behind_another_connections_burst
     assert started == [0, 1, 2, 3]
     # Another connection's single call starts at once although the budget is spent ...
     assert q.offer("ping", 0, 1, "p0")
-    # ... but only its first one in a turn: a second waits, and goes first next turn.
+    # ... but only its first one in a turn: a second waits, its connection's turn next.
     assert not q.offer("ping", 1, 1, "p1")
-    assert q.turn() == ["p1", "f4", "f5", "f6"]
+    assert q.turn() == ["f4", "p1", "f5", "f6"]
     for _ in range(30):
         q.turn()
     assert len(q) == 0
 
 
-def test_connections_take_turns_and_a_newcomer_goes_first() -> None:
+def test_connections_take_turns_in_the_order_they_started_waiting() -> None:
     q: StartQueue[str] = StartQueue(2)
     assert q.offer("x", 0, 1, "x0") and q.offer("x", 1, 1, "x1")  # the budget
     assert q.offer("a", 2, 1, "a2")  # a's first call of the turn
@@ -46,9 +46,9 @@ def test_connections_take_turns_and_a_newcomer_goes_first() -> None:
         assert not q.offer("a", k, 1, f"a{k}")  # the rest of a's burst waits
     assert q.offer("b", 7, 1, "b7")
     for k in range(8, 10):
-        assert not q.offer("b", k, 1, f"b{k}")  # b started waiting after a: it goes first
-    assert q.turn() == ["b8", "a3"]
-    assert q.turn() == ["b9", "a4"]
+        assert not q.offer("b", k, 1, f"b{k}")  # b started waiting after a
+    assert q.turn() == ["a3", "b8"]
+    assert q.turn() == ["a4", "b9"]
     assert q.turn() == ["a5", "a6"]
 
 

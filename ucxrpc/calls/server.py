@@ -26,6 +26,7 @@ from ..errors import (
     error_payload,
 )
 from ..io.control import KEY_SIZE, answer, listen, refuse, serve_control
+from ..io.engine import Engine
 from ..io.link import Link
 from ..io.runtime import is_loopback
 from ..io.sched import PriorityLimiter
@@ -87,7 +88,7 @@ class Server:
         #: Calls delivered but not started yet, of every connection (see START_BUDGET).
         self._starts: StartQueue[_Queued] = StartQueue(START_BUDGET)
         self._turn_pending = False
-        self._turn_on: Runtime | None = None
+        self._turn_on: Engine | None = None
         self._manager: Runtime | None = None
         self._tcp: asyncio.Server | None = None
         self._conns: set[_ServerConn] = set()
@@ -409,16 +410,17 @@ class Server:
     def _offer(self, conn: _ServerConn, key: int, priority: int, item: _Queued) -> bool:
         """A call was delivered: True if it starts now, False if it waits for a turn."""
         now = self._starts.offer(conn, key, priority, item)
-        self._schedule_turn(conn.manager)
+        if conn.link is not None:  # (it is: the call arrived over it)
+            self._schedule_turn(conn.link.engine)
         return now
 
-    def _schedule_turn(self, manager: Runtime) -> None:
+    def _schedule_turn(self, engine: Engine) -> None:
         # At the end of the next drive: the calls that drive delivers (another
         # connection's single call) are started before the waiting ones of a burst.
         if not self._turn_pending:
             self._turn_pending = True
-            self._turn_on = manager
-            manager.engine.after_drive(self._turn)
+            self._turn_on = engine
+            engine.after_drive(self._turn)
 
     def _turn(self) -> None:
         """A new loop iteration: start the calls whose turn it is."""

@@ -309,9 +309,11 @@ class Engine:
     def after_drive(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` once, at the end of the next drive: after the arrivals that
         drive hands over, so what it starts queues behind what they started. The
-        engine keeps driving (it does not sleep) while such callbacks wait."""
-        self._after.append(callback)
-        self.kick()
+        engine keeps driving (it does not sleep) while such callbacks wait. A closed
+        engine never runs it."""
+        if not self._closed:
+            self._after.append(callback)
+            self.kick()
 
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
@@ -426,8 +428,9 @@ class Engine:
                     break
                 rings = more
         found += self._probe_frames(budget, until)
-        if found < budget:
-            found += self._probe_parts(budget - found)
+        # Parts get a share even when frames took the budget: a large message's
+        # parts must not wait for a flood of small frames to end.
+        found += self._probe_parts(max(budget - found, PROBES_ALWAYS))
         # Work left over (the budget ran out, a sweep unfinished) keeps the drive active.
         return made or found > 0 or self._sweep > 0
 
@@ -668,6 +671,7 @@ class Engine:
             self._nap.cancel()
             self._nap = None
         self._rings = []
+        self._after = []  # their owners (servers) must not be kept alive by the engine
         ops = [*self._ops, *self._old]
         self._ops = []
         self._old.clear()

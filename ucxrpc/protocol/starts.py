@@ -9,8 +9,8 @@ the calls over it wait here until a later turn:
 * connections take turns, one call each per pass;
 * a connection's own calls start highest priority first, in arrival order within a
   priority;
-* a connection that starts waiting goes before those that were waiting already: its
-  call is one, theirs are the rest of a burst.
+* a connection that starts waiting joins the end of the round (going first instead
+  would let connections that wait a call or two every turn starve one with a backlog).
 
 A call of a connection that has nothing waiting starts at once while the turn's budget
 lasts, so an idle server adds nothing to a call's latency; and the first such call of
@@ -128,7 +128,7 @@ class StartQueue(Generic[T]):
                 served.add(source)
                 return True
             lanes = self._waiting[source] = _Lanes()
-            self._round.appendleft(source)
+            self._round.append(source)
         elif key in lanes.by_key:
             raise KeyError(key)
         lanes.put(key, priority, item)

@@ -1,0 +1,275 @@
+"""Fair starts over real UCX: the server's start turns and the engine's bounded drives.
+
+The pure queue is tested in ``test_starts.py``; these tests run it inside a server
+and an engine: turns run at the end of a drive, a drive is never queued twice, a
+drive's work is bounded by time and shared by every frame ring, and an engine whose
+yields lose the core sleeps when idle instead of spinning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import pytest
+from conftest import until
+
+import ucxrpc
+from ucxrpc import HealthApi
+from ucxrpc.io import engine as engine_module
+from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, Engine
+from ucxrpc.io.ucx import lib
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Quiet:
+    """A router that receives nothing (the engine's rings and callbacks are tested)."""
+
+    def on_frame(self, tag: int, buf: bytearray) -> None:
+        raise AssertionError("no frame was sent")
+
+    def on_part(self, tag: int, length: int, handle: Any) -> None:
+        raise AssertionError("no part was sent")
+
+    def on_oversized(self, tag: int, length: int) -> None:
+        raise AssertionError("no frame was sent")
+
+
+class FakeRing:
+    """A frame ring with ``frames`` waiting; each frame costs ``cost`` seconds."""
+
+    def __init__(self, name: str, log: list[tuple[str, int]], frames: int, cost: float = 0.0):
+        self.name, self.log, self.frames, self.cost = name, log, frames, cost
+        self.drives: list[int] = []  # the engine's drive count at each poll
+        self.engine: Engine | None = None
+
+    def poll(self, limit: int = 64) -> int:
+        got = min(limit, self.frames)
+        self.frames -= got
+        self.log.append((self.name, limit))
+        if self.engine is not None and got:
+            self.drives.append(self.engine.drives)
+        end = time.perf_counter() + got * self.cost
+        while time.perf_counter() < end:
+            pass
+        return got
+
+    def doze(self) -> bool:
+        return self.frames == 0
+
+    def rouse(self) -> None:
+        pass
+
+
+@pytest.fixture
+async def make_engine() -> Any:
+    made: list[Engine] = []
+
+    def make(mode: str = "blocking", spin: float = 0.0) -> Engine:
+        ctx = lib.UCXContext({}, (lib.Feature.TAG, lib.Feature.WAKEUP))
+        worker = lib.UCXWorker(ctx)
+        worker.init_blocking_progress_mode()
+        engine = Engine(
+            worker,
+            asyncio.get_running_loop(),
+            mode=mode,
+            spin=spin,
+            router=Quiet(),
+            junk_limit=1 << 20,
+        )
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.close()
+
+
+async def test_an_after_drive_callback_runs_once_at_the_end_of_the_next_drive(
+    make_engine: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = make_engine(mode="polling")
+    log: list[tuple[str, int]] = []
+    engine.add_ring(FakeRing("ring", log, frames=1))
+    seen: list[str] = []
+
+    def broken() -> None:
+        seen.append("broken")
+        raise RuntimeError("injected")
+
+    caplog.set_level(logging.ERROR, "ucxrpc")
+    engine.after_drive(broken)
+    engine.after_drive(lambda: seen.append(f"after {len(log)} polls"))
+    await until(lambda: len(seen) == 2)
+    # After the drive polled the ring; one failing callback does not stop the next one.
+    assert seen == ["broken", "after 1 polls"]
+    assert "recovered from an error in after drive" in caplog.text
+    drives = engine.drives
+    await until(lambda: engine.drives > drives + 5)
+    assert len(seen) == 2  # once
+
+
+async def test_a_drive_is_never_queued_twice(make_engine: Any) -> None:
+    """A callback that asks for another drive (a server's next turn) while the drive
+    that runs it reschedules itself must not make two drives per loop iteration: they
+    would double every time."""
+    engine = make_engine(mode="polling")
+    turns = 0
+
+    def turn() -> None:
+        nonlocal turns
+        turns += 1
+        if turns < 200:
+            engine.after_drive(turn)
+            engine.kick()
+
+    engine.after_drive(turn)
+    start = engine.drives
+    for _ in range(100):
+        await asyncio.sleep(0)
+    assert engine.drives - start <= 101  # at most one drive per loop iteration
+
+
+async def test_a_drive_shares_its_time_between_the_rings(make_engine: Any) -> None:
+    """Every ring gets a slice on every drive, the rings take turns at going first, and
+    a ring that always has more does not make a drive last longer than its time."""
+    engine = make_engine(mode="polling")
+    log: list[tuple[str, int]] = []
+    flood = FakeRing("flood", log, frames=10**9, cost=20e-6)  # never runs dry
+    quiet = FakeRing("quiet", log, frames=10**9)
+    engine.add_ring(flood)
+    engine.add_ring(quiet)
+    await until(lambda: len(log) >= 200)
+    engine.remove_ring(flood)
+    engine.remove_ring(quiet)
+    assert {limit for _, limit in log} == {RING_SLICE}
+    names = [name for name, _ in log]
+    # Per drive, the flood's slice (8 frames, 160 µs) spends the drive's time: one pass,
+    # so the two rings alternate, and each goes first every other drive.
+    assert names.count("quiet") >= len(names) // 2 - 2, names[:40]
+    firsts = names[0::2]
+    assert "flood" in firsts and "quiet" in firsts
+    assert RING_SLICE * 20e-6 > DRIVE_TIME  # (what makes it one pass per drive)
+
+
+async def test_a_cheap_flood_gets_more_passes_within_the_drives_time(make_engine: Any) -> None:
+    engine = make_engine(mode="polling")
+    log: list[tuple[str, int]] = []
+    ring = FakeRing("cheap", log, frames=RING_SLICE * 40)
+    ring.engine = engine
+    engine.add_ring(ring)
+    await until(lambda: ring.frames == 0)
+    assert len(log) >= 40  # 8 frames each ...
+    assert len(set(ring.drives)) < 20  # ... several passes per drive
+
+
+async def test_an_engine_whose_yields_lose_the_core_sleeps_when_idle(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a spin of 10 s an idle engine keeps polling; once a yield kept the core away
+    (here: 1 ms, as when another process ran), it sleeps as soon as it is idle, and a
+    message still wakes it."""
+    engine = make_engine(mode="blocking", spin=10.0)
+    engine.after_drive(lambda: None)  # an event: from now on it spins (for 10 s)
+    await until(lambda: engine.drives > 1)
+    sleeps, drives = engine.sleeps, engine.drives
+    await until(lambda: engine.drives > drives + 50)
+    assert engine.sleeps == sleeps  # spinning: the cores are not contended
+    monkeypatch.setattr(engine_module, "_sched_yield", lambda: time.sleep(0.001))
+    await until(lambda: engine.sleeps > sleeps)
+    monkeypatch.setattr(engine_module, "_sched_yield", lambda: None)
+    # Asleep, it is woken by what lands: a callback that needs a drive.
+    woke = asyncio.Event()
+    engine.after_drive(woke.set)
+    async with asyncio.timeout(5):
+        await woke.wait()
+    # After CONTENDED_FOR without a slow yield it spins again (no new sleeps).
+    await asyncio.sleep(engine_module.CONTENDED_FOR * 2)
+    sleeps = engine.sleeps
+    engine.kick()
+    drives = engine.drives
+    await until(lambda: engine.drives > drives + 50)
+    assert engine.sleeps == sleeps
+
+
+async def test_a_closed_engine_keeps_no_callback(make_engine: Any) -> None:
+    engine = make_engine(mode="polling")
+    engine.close()
+    engine.after_drive(lambda: None)  # no error, and nothing kept
+    assert engine.in_flight == 0
+
+
+# -- the server -------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+async def test_a_health_check_while_the_manager_drains_its_server_is_answered(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Manager.shutdown(grace) drains its servers while the manager is closing: a call
+    accepted then (a health check) is started and answered NOT_SERVING, as under
+    Server.stop(grace); nothing escapes into the engine."""
+    server = ucxrpc.Server()
+    entered = asyncio.Event()
+
+    @server.rpc
+    async def slow() -> str:
+        entered.set()
+        await asyncio.sleep(1.5)
+        return "done"
+
+    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
+        await server.start(m1, "127.0.0.1", 0)
+        client = await m2.connect("127.0.0.1", server.port)
+        running = asyncio.ensure_future(client.call("slow"))
+        await entered.wait()
+        shutdown = asyncio.ensure_future(m1.shutdown(grace=5.0))
+        await until(lambda: str(server.health.statuses[""]).endswith("NOT_SERVING"))
+        with caplog.at_level(logging.ERROR, logger="ucxrpc"):
+            async with asyncio.timeout(2.0):
+                status = await client.stub(HealthApi).check("")
+        assert str(status).endswith("NOT_SERVING")
+        assert "recovered from an error" not in caplog.text
+        assert await running == "done"
+        await shutdown
+        await client.close()
+
+
+async def test_calls_waiting_for_a_turn_count_in_flight_and_can_be_cancelled(
+    manager: ucxrpc.Manager,
+) -> None:
+    """A burst of 400 calls: those over the turn's budget wait (counted by
+    ``server.inflight``); cancelling half of them before they start means they never
+    run, and every other call is answered once."""
+    server = ucxrpc.Server()
+    ran: list[int] = []
+    gate = asyncio.Event()
+
+    @server.rpc
+    async def work(i: int) -> int:
+        ran.append(i)
+        await gate.wait()
+        return i
+
+    await server.start(manager, "127.0.0.1", 0)
+    client = await manager.connect("127.0.0.1", server.port)
+    try:
+        calls = [asyncio.ensure_future(client.call("work", i)) for i in range(400)]
+        await until(lambda: server.inflight == 400)  # running or waiting, all counted
+        for call in calls[1::2]:
+            call.cancel()
+        await until(lambda: server.inflight <= 200 + len(ran) // 2 + 1)
+        gate.set()
+        results = await asyncio.gather(*calls[0::2])
+        assert results == list(range(0, 400, 2))
+        await until(lambda: server.inflight == 0)
+        # A cancelled call that had not started never ran; none ran twice.
+        assert len(ran) == len(set(ran))
+        assert set(range(0, 400, 2)) <= set(ran)
+    finally:
+        gate.set()
+        await client.close()
+        await server.stop(grace=1.0)
