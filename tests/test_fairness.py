@@ -45,10 +45,10 @@ def test_pings_are_answered_while_another_client_floods(tmp_path: Path) -> None:
         idle, flood = rows[("idle", prio)], rows[("flood", prio)]
         assert flood["p50_us"] <= 5 * max(idle["p50_us"], 200.0), table
         assert flood["max_us"] < 1_000_000, table
-    # The goal (p99 under the flood below 2 ms and within 5x of idle) is not met on this
-    # machine: bursts of the flood stall pings for tens of milliseconds (p99 41-92 ms),
-    # and on two cores shared with other jobs even the idle p99 is 2.6-6 ms. Shown as
-    # an expected failure with the figures, not passed silently (see docs/reliability.md).
+    # The goal (p99 under the flood below 2 ms and within 5x of idle) is met on this
+    # shared 2-core machine only when it is otherwise quiet (flood p99 1.6-4.9 ms in the
+    # documented runs, idle p99 itself 0.6-6 ms). A miss is shown as an expected
+    # failure with the figures, not passed silently (see docs/reliability.md).
     missed = [r for r in s["rows"] if r["phase"] == "flood" and not r["goal_met"]]
     if missed:
         pytest.xfail(
