@@ -195,6 +195,28 @@ async def test_an_engine_whose_yields_lose_the_core_sleeps_when_idle(
     assert engine.sleeps == sleeps
 
 
+async def test_one_slow_yield_alone_does_not_make_an_engine_sleep(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A yield that loses the core once in a while (an idle machine's kernel threads)
+    is not contention: the engine keeps spinning, without the wake-ups sleeping adds."""
+    engine = make_engine(mode="blocking", spin=10.0)
+    engine.after_drive(lambda: None)
+    await until(lambda: engine.drives > 1)
+    slow = 0
+
+    def yield_now_and_then() -> None:
+        nonlocal slow
+        if engine.drives % 40 == 0:  # far more than CONTENDED_WINDOW apart
+            slow += 1
+            time.sleep(engine_module.CONTENDED_WINDOW * 1.2)  # slow, and far apart
+
+    monkeypatch.setattr(engine_module, "_sched_yield", yield_now_and_then)
+    sleeps = engine.sleeps
+    await until(lambda: slow >= 5, timeout=20)
+    assert engine.sleeps == sleeps
+
+
 async def test_a_closed_engine_keeps_no_callback(make_engine: Any) -> None:
     engine = make_engine(mode="polling")
     engine.close()

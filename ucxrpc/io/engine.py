@@ -49,6 +49,7 @@ from .ucx import lib as _ucx
 
 __all__ = [
     "CONTENDED_FOR",
+    "CONTENDED_WINDOW",
     "CONTENDED_YIELD",
     "DRIVE_TIME",
     "PROBES_ALWAYS",
@@ -171,6 +172,8 @@ DRIVE_TIME = 100e-6
 PROBES_ALWAYS = 16
 #: A yield that kept the core away this long (seconds) means the cores are contended.
 CONTENDED_YIELD = 200e-6
+#: Two such yields this close (seconds) mean the cores are contended.
+CONTENDED_WINDOW = 0.01
 #: Seconds an engine that found the cores contended sleeps when idle instead of spinning.
 CONTENDED_FOR = 0.05
 
@@ -249,6 +252,7 @@ class Engine:
         self._ring_slice = ring_slice
         self._after: list[Callable[[], None]] = []
         self._contended_until = 0.0  # until then, sleep as soon as a drive finds nothing
+        self._slow_yield = -1.0  # when a yield last kept the core away
         self._drive_time = drive_time
         self._first_ring = 0  # the rings take turns at being polled first
         self._wake_fd: int | None = None
@@ -377,11 +381,15 @@ class Engine:
             # with more processes than cores, spinners otherwise starve the server.
             _sched_yield()
             if time.perf_counter() - now > CONTENDED_YIELD:
-                # The core went to another process for a while: there are more
-                # runnable processes than cores. Spinning then costs a whole time
-                # slice of theirs each time it yields, while a sleeper is woken
-                # (and run first) as soon as its message lands: sleep when idle.
-                self._contended_until = now + CONTENDED_FOR
+                # The core went to another process for a while, twice in a short
+                # time: there are more runnable processes than cores. Spinning then
+                # costs a whole time slice of theirs each time it yields, while a
+                # sleeper is woken (and run first) as soon as its message lands:
+                # sleep when idle. (One slow yield alone happens now and then on an
+                # idle machine too; sleeping then would only add wake-ups.)
+                if now - self._slow_yield < CONTENDED_WINDOW:
+                    self._contended_until = now + CONTENDED_FOR
+                self._slow_yield = now
         if not self._scheduled:  # (a callback run after this drive may have kicked)
             self._scheduled = True
             self._loop.call_soon(self._drive)
