@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,12 @@ SERVER = Path(__file__).resolve().parent.parent / "tests" / "helpers" / "load_se
 
 async def one_round(pings: int, seconds: float) -> tuple[float, float, float]:
     """p50 and p99 of ``pings`` sequential pings (µs), then calls/s with 64 callers."""
-    server = subprocess.Popen([sys.executable, str(SERVER)], stdout=subprocess.PIPE, text=True)
+    server = await asyncio.create_subprocess_exec(
+        sys.executable, str(SERVER), stdout=asyncio.subprocess.PIPE
+    )
     try:
         assert server.stdout is not None
-        port = int(server.stdout.readline().split()[1])
+        port = int((await server.stdout.readline()).split()[1])
         async with ucxrpc.Manager() as manager:
             client = await manager.connect("127.0.0.1", port)
             for _ in range(500):  # warm-up: connection, rings, caches
@@ -55,7 +56,7 @@ async def one_round(pings: int, seconds: float) -> tuple[float, float, float]:
         return lat[len(lat) // 2], lat[int(len(lat) * 0.99)], done / seconds
     finally:
         server.kill()
-        server.wait(timeout=10)
+        await asyncio.wait_for(server.wait(), 10)
 
 
 async def main(pings: int, seconds: float, rounds: int) -> None:
