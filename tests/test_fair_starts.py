@@ -9,8 +9,10 @@ yields lose the core sleeps when idle instead of spinning.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
+import weakref
 from typing import Any
 
 import pytest
@@ -218,10 +220,21 @@ async def test_one_slow_yield_alone_does_not_make_an_engine_sleep(
 
 
 async def test_a_closed_engine_keeps_no_callback(make_engine: Any) -> None:
+    """What a callback belongs to (a server) is not kept alive by a closed engine."""
+
+    class Owner:
+        def turn(self) -> None:
+            raise AssertionError("a closed engine never drives")
+
     engine = make_engine(mode="polling")
+    waiting, later = Owner(), Owner()
+    engine.after_drive(waiting.turn)  # registered before the close ...
     engine.close()
-    engine.after_drive(lambda: None)  # no error, and nothing kept
-    assert engine.in_flight == 0
+    engine.after_drive(later.turn)  # ... and after it: no error
+    refs = [weakref.ref(waiting), weakref.ref(later)]
+    del waiting, later
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
 
 
 # -- the server -------------------------------------------------------------------------
