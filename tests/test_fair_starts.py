@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import time
 import weakref
@@ -22,6 +23,7 @@ import ucxrpc
 from ucxrpc import HealthApi
 from ucxrpc.io import engine as engine_module
 from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, Engine
+from ucxrpc.io.link import DELIVER_SLICE
 from ucxrpc.io.ucx import lib
 
 pytestmark = pytest.mark.timeout(60)
@@ -308,3 +310,49 @@ async def test_calls_waiting_for_a_turn_count_in_flight_and_can_be_cancelled(
         gate.set()
         await client.close()
         await server.stop(grace=1.0)
+
+
+async def test_a_batch_of_calls_reaches_the_server_a_slice_per_drive() -> None:
+    """900 calls sent in one loop iteration leave the client as one BATCH message; the
+    server takes its frames a slice at a time (``DELIVER_SLICE`` per turn, at most two
+    turns a drive) instead of all in the drive that received it, so another
+    connection's call waits behind a slice, not behind the batch. Every call is
+    answered once."""
+    server = ucxrpc.Server(max_concurrency=None)
+    gate = asyncio.Event()
+
+    @server.rpc
+    async def hold(i: int) -> int:
+        await gate.wait()
+        return i
+
+    @server.rpc
+    async def ping() -> str:
+        return "pong"
+
+    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
+        await server.start(m1, "127.0.0.1", 0)
+        client = await m2.connect("127.0.0.1", server.port)
+        assert await client.call("ping") == "pong"
+        engine = m1.engine
+        seen: list[int] = []
+        done = False
+
+        def record() -> None:
+            seen.append(server.inflight)
+            if not done:
+                engine.after_drive(record)
+
+        engine.after_drive(record)
+        await until(lambda: len(seen) > 2)
+        calls = [asyncio.ensure_future(client.call("hold", i)) for i in range(900)]
+        try:
+            await until(lambda: server.inflight == 900)
+        finally:
+            done = True
+            gate.set()
+        assert await asyncio.gather(*calls) == list(range(900))
+        steps = [b - a for a, b in itertools.pairwise(seen)]
+        assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
+        assert sum(1 for s in steps if s > 0) >= 900 // (2 * DELIVER_SLICE + 1)
+        await client.close()

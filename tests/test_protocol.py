@@ -15,6 +15,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from ucxrpc.codec import Kind
 from ucxrpc.errors import ProtocolError, ResourceExhausted
 from ucxrpc.protocol import (
+    INBOX_LIMIT,
     Budget,
     CallIds,
     Deliver,
@@ -60,8 +61,8 @@ class Wire:
                 self.frames.append((tag, data))
 
 
-def run_actions(inbound: Inbound, wire: Wire, out: list[Any]) -> None:
-    for action in inbound.take():
+def run_actions(inbound: Inbound, wire: Wire, out: list[Any], limit: int | None = None) -> None:
+    for action in inbound.take(limit):
         if isinstance(action, Receive):
             wire.receives.append((action, wire.probed.pop(action.handle)))
         elif isinstance(action, Discard):
@@ -93,6 +94,20 @@ class Pair(RuleBasedStateMachine):
         self.call_ids = itertools.count(1)
         # Shared parts in flight: (seq, part) -> the bytes the receiver will map.
         self.files: dict[tuple[int, int], bytes] = {}
+        # Deliveries taken per take() (None: all): the rest wait, as the I/O layer
+        # leaves them for the end of its drive.
+        self.slice: int | None = None
+
+    @rule(limit=st.sampled_from([None, 1, 2, 3]))
+    def take_in_slices(self, limit: int | None) -> None:
+        self.slice = limit
+
+    @precondition(lambda self: self.inb.pending)
+    @rule()
+    def take_what_waits(self) -> None:
+        before = self.inb.pending
+        run_actions(self.inb, self.wire, self.results, self.slice)
+        assert self.inb.pending < before  # every take makes progress
 
     def _encode(
         self, sizes: list[int], seed: int, shared: bool = False
@@ -143,7 +158,7 @@ class Pair(RuleBasedStateMachine):
     def frame_arrives(self, pick: int) -> None:
         tag, data = self.wire.frames.pop(pick % len(self.wire.frames))
         self.inb.on_frame(tag, bytearray(data))
-        run_actions(self.inb, self.wire, self.results)
+        run_actions(self.inb, self.wire, self.results, self.slice)
 
     @precondition(lambda self: self.wire.parts)
     @rule(pick=st.integers(0, 1 << 16))
@@ -152,7 +167,7 @@ class Pair(RuleBasedStateMachine):
         tag, data = self.wire.parts.pop(handle)
         self.wire.probed[handle] = data
         self.inb.on_part(tag, len(data), handle)
-        run_actions(self.inb, self.wire, self.results)
+        run_actions(self.inb, self.wire, self.results, self.slice)
 
     @precondition(lambda self: self.wire.receives)
     @rule(pick=st.integers(0, 1 << 16))
@@ -203,9 +218,9 @@ class Pair(RuleBasedStateMachine):
             return
         enc = codec.encode(Kind.CANCEL, call)
         codec.stamp(enc.frame, self.inb.next_seq, secret)
-        dropped = self.inb.dropped
+        dropped, pending = self.inb.dropped, self.inb.pending
         self.inb.on_frame(codec.frame_tag(CONN, call), enc.frame)
-        assert self.inb.take() == []
+        assert self.inb.pending == pending  # no action
         assert self.inb.dropped == dropped + 1
 
     @rule(low=st.integers(0, codec.KEY_MASK), size=st.sampled_from(EDGE_SIZES))
@@ -265,6 +280,8 @@ class Pair(RuleBasedStateMachine):
                 self.receive_completes(0)
             else:
                 self.part_probed(0)
+        while self.inb.pending:
+            self.take_what_waits()
         # Parts held before a frame that never came (strangers') time out.
         self.now += 10
         self.inb.expire(self.now)
@@ -426,6 +443,99 @@ def test_a_lone_queued_frame_leaves_alone_and_a_run_leaves_as_one_batch() -> Non
     inb.on_frame(*lone)
     inb.on_frame(*batch)
     assert [a.header.call_id for a in inb.take() if isinstance(a, Deliver)] == list(range(1, 12))
+
+
+def _batch(out: Outbound, calls: range, size: int = 10) -> tuple[int, bytearray]:
+    for call in calls:
+        out.queue(call, codec.encode(Kind.REPLY, call, "b" * size))
+    (batch,) = out.flush()
+    assert codec.peek(batch[1]).kind == Kind.BATCH
+    return batch[0], bytearray(batch[1])
+
+
+def _delivered(actions: list[Any]) -> list[int]:
+    return [a.header.call_id for a in actions if isinstance(a, Deliver)]
+
+
+def test_a_batch_is_taken_a_slice_at_a_time_in_order() -> None:
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    inb.on_frame(*_batch(out, range(1, 101)))
+    ((tag, lone),) = out.send(101, codec.encode(Kind.REPLY, 101, "after"))
+    inb.on_frame(tag, bytearray(lone))  # behind the batch frames not yet looked at
+    assert inb.pending == 101
+    got: list[int] = []
+    while inb.pending:
+        taken = _delivered(inb.take(16))
+        assert 0 < len(taken) <= 16
+        got += taken
+    assert got == list(range(1, 102))
+    assert inb.take(16) == []
+
+
+def test_a_part_whose_frame_is_in_an_unread_batch_is_matched() -> None:
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    for call in range(1, 51):
+        out.queue(call, codec.encode(Kind.REPLY, call, "s"))
+    big = codec.encode(Kind.REPLY, 51, [b"p" * 20000])
+    out.queue(51, big)
+    messages = out.flush()
+    (batch_tag, batch), (part_tag, part) = messages
+    inb.on_frame(batch_tag, bytearray(batch))
+    assert _delivered(inb.take(1)) == [1]
+    inb.on_part(part_tag, len(part), "h")  # its frame is the batch's last, still unread
+    actions = inb.take()
+    (receive,) = [a for a in actions if isinstance(a, Receive)]
+    assert _delivered(actions) == list(range(2, 51))
+    receive.buffer[:] = part
+    inb.on_part_done(receive.token, True)
+    (deliver,) = inb.take()
+    assert isinstance(deliver, Deliver) and deliver.header.call_id == 51
+    assert codec.decode_payload(deliver.header, deliver.payload, deliver.parts) == [b"p" * 20000]
+
+
+def test_closing_discards_the_parts_of_receives_not_taken() -> None:
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    enc = codec.encode(Kind.REPLY, 1, [b"q" * 30000])
+    (ft, frame), (pt, part) = out.send(1, enc)
+    inb.on_frame(*_batch(out, range(2, 40)))
+    inb.on_part(pt, len(part), "held")  # its frame comes next, after the batch
+    inb.on_frame(ft, bytearray(frame))
+    assert inb.pending
+    inb.close()
+    assert inb.take() == [Discard("held", len(part))]  # nothing delivered after close
+    assert inb.pending == 0
+
+
+def test_a_peer_sending_batches_faster_than_they_are_taken_has_them_read_at_once() -> None:
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    sent = 0
+    while sent <= INBOX_LIMIT:
+        inb.on_frame(*_batch(out, range(sent + 1, sent + 501)))
+        sent += 500
+    # Over the limit: every frame was looked at, and waits as an action (bounded by
+    # what the peer sent; nothing unread is held).
+    assert inb.pending == sent
+    assert _delivered(inb.take()) == list(range(1, sent + 1))
+
+
+def test_a_stranger_frame_inside_a_batch_breaks_the_connection_when_reached() -> None:
+    inb = Inbound(CONN, SECRET, KEY)
+    frames = []
+    for call in range(1, 6):
+        enc = codec.encode(Kind.REPLY, call, "x")
+        codec.stamp(enc.frame, call - 1, SECRET if call != 4 else SECRET ^ 1)
+        frames.append(enc.frame)
+    batch = codec.encode_batch(frames, SECRET)
+    codec.stamp(batch, 0, SECRET)
+    inb.on_frame(codec.frame_tag(CONN, 0), batch)
+    assert _delivered(inb.take(2)) == [1, 2]
+    rest = inb.take(2)
+    assert _delivered(rest) == [3] and isinstance(rest[-1], Violation)
+    assert inb.pending == 0 and inb.broken is not None
 
 
 @given(st.sets(st.integers(1, 20), max_size=19), st.integers(1, 20))

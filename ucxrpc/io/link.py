@@ -47,7 +47,7 @@ from .engine import FORKED_MESSAGE
 if TYPE_CHECKING:
     from .engine import Engine
 
-__all__ = ["Link", "Owner", "key_parts"]
+__all__ = ["DELIVER_SLICE", "Link", "Owner", "key_parts"]
 
 log = logging.getLogger("ucxrpc")
 
@@ -88,6 +88,11 @@ def _joined(count: int, done: Done) -> Done:
 
     return one
 
+
+#: Frames handed to the owner per turn: the rest of a batch (up to a thousand small
+#: frames) waits for the end of the drive, so that a peer's batch delays another
+#: connection's next call by a slice, not by the whole batch.
+DELIVER_SLICE = 16
 
 #: The keys a RELEASE carries to say "I read your memory" (no part has key 0) and
 #: "I cannot read your memory after all: send files".
@@ -147,6 +152,7 @@ class Link:
         self.pending_sends = 0
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
+        self._resuming = False  # the rest of the inbound actions wait for a drive's end
         self.peer_key = b""
         #: The peer's pid when parts may travel shared (proven in the handshake).
         self.peer_pid: int | None = None
@@ -261,7 +267,7 @@ class Link:
     def _act(self) -> None:
         inbound = self.inbound
         owner = self.owner
-        for action in inbound.take():
+        for action in inbound.take(DELIVER_SLICE):
             if type(action) is Deliver:
                 if action.header.kind is Kind.RELEASE:
                     self._on_release(action.header, action.payload)
@@ -283,12 +289,22 @@ class Link:
                 owner.failed(action.call_id, action.kind, action.error)
             elif type(action) is Violation:
                 self._broken(action.error)
+        if inbound.pending and not self._resuming and not self.closed:
+            # The rest of a batch: handed over at the end of the drive, after what it
+            # brought from other connections, a slice a time.
+            self._resuming = True
+            self.engine.after_drive(self._resume)
         if (
             (inbound.awaited_parts or inbound.waiting_frames)
             and self._timer is None
             and not self.closed
         ):
             self._timer = self.loop.call_later(inbound.budget.part_timeout / 2, self._expire)
+
+    def _resume(self) -> None:
+        self._resuming = False
+        if not self.closed:
+            self._act()
 
     def _part_done(self, token: Any) -> Done:
         def done(exc: BaseException | None) -> None:

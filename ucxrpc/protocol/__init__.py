@@ -9,11 +9,23 @@ bytes and completions between UCX and these machines.
 """
 
 from .ids import CallIds, random_id
-from .inbound import Action, Budget, Deliver, Discard, Fail, Inbound, Receive, Shared, Violation
+from .inbound import (
+    INBOX_LIMIT,
+    Action,
+    Budget,
+    Deliver,
+    Discard,
+    Fail,
+    Inbound,
+    Receive,
+    Shared,
+    Violation,
+)
 from .outbound import Message, Outbound
 from .priority import Priority
 
 __all__ = [
+    "INBOX_LIMIT",
     "Action",
     "Budget",
     "CallIds",

@@ -15,7 +15,8 @@ Events::
                                     (for a shared part: with the mapped bytes)
     expire(now)                     time passed (frames waiting too long for parts)
 
-Actions (``take()``)::
+Actions (``take(limit)``: with a limit, up to that many deliveries; the rest, and the
+frames of batches not yet looked at, wait for the next call: ``pending``)::
 
     Receive(handle, buffer, token,  receive the part into buffer; report on_part_done
             shared)                 (``shared`` set: buffer gets a shared part's
@@ -35,11 +36,14 @@ What holds by construction:
 * a frame whose secret is not this connection's is dropped and counted (no action,
   no receive, nothing sent back);
 * the bytes and parts a peer may have announced and not yet delivered are bounded
-  (``budget``), and checked before any buffer is allocated.
+  (``budget``), and checked before any buffer is allocated;
+* a batch's frames are looked at in order, a slice per ``take(limit)``, and all of
+  them before any part is matched (a part never waits on a frame not yet looked at).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple
 
@@ -49,6 +53,7 @@ from ..wire.codec import Flags, Header, Kind
 from ..wire.shared import DESCRIPTOR_SIZE
 
 __all__ = [
+    "INBOX_LIMIT",
     "Action",
     "Budget",
     "Deliver",
@@ -150,6 +155,10 @@ class Budget(NamedTuple):
 
 DEFAULT_BUDGET: Final = Budget()
 
+#: Batch frames held unread at most: a peer whose batches arrive faster than
+#: :meth:`Inbound.take` asks for them has them all read at once (as if unsliced).
+INBOX_LIMIT: Final = 4096
+
 
 class _Entry:
     """A frame received and not yet delivered."""
@@ -240,6 +249,7 @@ class Inbound:
         self._held = 0
         self._gap_since: float | None = None
         self._actions: list[Action] = []
+        self._inbox: deque[Any] = deque()  # frames of batches, not yet looked at
         self.broken: ProtocolError | None = None
         #: Frames dropped because they carried another connection's secret.
         self.dropped = 0
@@ -268,9 +278,34 @@ class Inbound:
         """Part bytes announced by frames not yet delivered."""
         return self._bytes
 
-    def take(self) -> list[Action]:
-        """The actions produced since the last call, in order."""
-        out, self._actions = self._actions, []
+    @property
+    def pending(self) -> int:
+        """Actions and batch frames not yet taken (left by a :meth:`take` with a limit)."""
+        return len(self._actions) + len(self._inbox)
+
+    def take(self, limit: int | None = None) -> list[Action]:
+        """The actions produced since the last call, in order.
+
+        Args:
+            limit: Take actions up to and including the ``limit``-th :class:`Deliver`
+                only; the rest wait for the next call. A batch carries up to a
+                thousand small frames, and handing them all over at once would keep
+                every other connection waiting that long.
+        """
+        if self._inbox:
+            self._unpack(limit)
+        out = self._actions
+        if limit is None or len(out) <= limit:
+            self._actions = []
+            return out
+        delivers = 0
+        for i, action in enumerate(out):
+            if type(action) is Deliver:
+                delivers += 1
+                if delivers == limit:
+                    self._actions = out[i + 1 :]
+                    return out[: i + 1]
+        self._actions = []
         return out
 
     # -- events ---------------------------------------------------------------------------
@@ -301,20 +336,40 @@ class Inbound:
                 self._violation(f"malformed batch: {exc}")
                 return
             del header
-            for frame in inner:
-                sub = codec.peek(frame)
-                if sub.secret != self.secret:
-                    self._violation("a frame inside a batch carries another secret")
-                    return
-                self._frame(frame, sub)
-                if self.broken is not None:
-                    return
+            # Its frames are taken in turn (see take): decoding a thousand of them at
+            # once would hold up every other connection that long.
+            self._inbox.extend(inner)
+            if len(self._inbox) > INBOX_LIMIT:
+                self._unpack(None)  # a peer sending faster than it is served
+        elif self._inbox:
+            self._inbox.append(buf)  # behind the batch frames before it
         else:
             self._frame(buf, prefix)
+            self._flush()
+
+    def _unpack(self, count: int | None) -> None:
+        """Take ``count`` (None: all) frames of the batches received, in order."""
+        inbox = self._inbox
+        n = len(inbox) if count is None else min(count, len(inbox))
+        for _ in range(n):
+            frame = inbox.popleft()
+            sub = codec.peek(frame)
+            if sub.secret != self.secret:
+                inbox.clear()
+                self._violation("a frame inside a batch carries another secret")
+                return
+            self._frame(frame, sub)
+            if self.broken is not None:
+                inbox.clear()
+                return
         self._flush()
 
     def on_part(self, tag: int, length: int, handle: Any) -> None:
         """A data part of ``length`` bytes is waiting in UCX under ``tag``."""
+        if self._inbox:
+            # Its frame may be among the batch frames not yet looked at: look at them
+            # all first, or the part would be taken for one that came early.
+            self._unpack(None)
         if self.broken is not None:
             self._actions.append(Discard(handle, length))
             return
@@ -365,6 +420,8 @@ class Inbound:
     def expire(self, now: float) -> None:
         """Fail frames that waited longer than ``part_timeout`` for a part, and drop
         parts held that long before their frame."""
+        if self._inbox:
+            self._unpack(None)  # a frame not yet looked at may be what others wait for
         limit = now - self.budget.part_timeout
         for tag in [t for t, e in self._expected.items() if e.since <= limit]:
             expected = self._expected.pop(tag)
@@ -389,7 +446,16 @@ class Inbound:
         self._flush()
 
     def close(self) -> None:
-        """The connection is closing: discard every part held before its frame."""
+        """The connection is closing: discard every part held before its frame, and
+        every part a receive not yet taken was for; deliver nothing more."""
+        left: list[Action] = []
+        for action in self._actions:
+            if type(action) is Receive:
+                left.append(Discard(action.handle, memoryview(action.buffer).nbytes))
+            elif type(action) is Discard:
+                left.append(action)
+        self._actions = left
+        self._inbox.clear()
         for length, handle, _ in self._early.values():
             self._actions.append(Discard(handle, length))
         self._early.clear()
