@@ -10,6 +10,10 @@ default, bounds how many are in flight at once), then idle again.
 
 The goal: a ping's p99 under load below 2 ms and within 5x of its idle p99.
 
+Per phase it also reports each process's share of a core and how long it waited,
+runnable, for one (``/proc/<pid>/schedstat``: run time and run-queue wait of its main
+thread, where the library's work runs), to tell a slow program from a busy machine.
+
 Usage::
 
     python benchmarks/fairness.py [--pings 2000] [--burst 5000] [--gap-ms 1]
@@ -32,6 +36,15 @@ from load_common import PRIORITY_NAMES, Children, latency_row
 
 GOAL_P99_US = 2000.0
 GOAL_RATIO = 5.0
+
+
+def _schedstat(pid: int) -> tuple[int, int]:
+    """Nanoseconds the process's main thread ran, and waited runnable, so far."""
+    try:
+        ran, waited, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0, 0
+    return int(ran), int(waited)
 
 
 def run(
@@ -59,7 +72,12 @@ def run(
         pinger.expect("READY", 60)
         flooder.expect("READY", 60)
 
+        procs = {"server": server.pid, "ping": pinger.pid, "flood": flooder.pid}
+        sched: dict[str, dict[str, tuple[float, float]]] = {}
+
         def phase(name: str) -> None:
+            before = {k: _schedstat(pid) for k, pid in procs.items()}
+            t0 = time.perf_counter()
             for prio in priorities:
                 pinger.send(f"run {name} {pings} {prio} {gap_ms}")
                 result = json.loads(pinger.expect("RESULT", timeout))
@@ -71,6 +89,15 @@ def run(
                     seconds=round(result["end"] - result["start"], 2),
                 )
                 rows.append(row)
+            secs = time.perf_counter() - t0
+            after = {k: _schedstat(pid) for k, pid in procs.items()}
+            sched[name] = {
+                k: (
+                    round((after[k][0] - before[k][0]) / 1e7 / secs, 1),
+                    round((after[k][1] - before[k][1]) / 1e7 / secs, 1),
+                )
+                for k in procs
+            }
 
         phase("idle")
         flooder.send("go")
@@ -93,6 +120,7 @@ def run(
         "server_concurrency": concurrency,
         "rows": rows,
         "flood": flood,
+        "sched": sched,
     }
 
 
@@ -118,6 +146,15 @@ def table(summary: dict[str, Any]) -> str:
     lines.append(
         f"\ngoal: p99 under flood < {GOAL_P99_US / 1e3:.0f} ms and <= {GOAL_RATIO:.0f}x idle p99"
     )
+    if s.get("sched"):
+        lines += [
+            "",
+            "| phase | server: % of a core / % waiting for one | ping client | flood client |",
+            "|---|---|---|---|",
+        ]
+        for phase, procs in s["sched"].items():
+            cells = " | ".join(f"{run:.0f} / {wait:.0f}" for run, wait in procs.values())
+            lines.append(f"| {phase} | {cells} |")
     return "\n".join(lines)
 
 

@@ -356,3 +356,108 @@ async def test_a_batch_of_calls_reaches_the_server_a_slice_per_drive() -> None:
         assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
         assert sum(1 for s in steps if s > 0) >= 900 // (2 * DELIVER_SLICE + 1)
         await client.close()
+
+
+class _InlineEngine:
+    """What a Link needs of an engine, with receives that complete at once (a small
+    part that arrived whole) and drives run by hand."""
+
+    forked = False
+
+    def __init__(self, parts: dict[str, bytes]) -> None:
+        self.parts = parts
+        self.after: list[Any] = []
+
+    def after_drive(self, callback: Any) -> None:
+        self.after.append(callback)
+
+    def receive(self, handle: str, buf: Any, cb: Any) -> None:
+        buf[:] = self.parts[handle]
+        cb(None)
+
+    def discard(self, handle: Any, length: int) -> None:
+        raise AssertionError("nothing is discarded")
+
+    def drive(self) -> None:
+        after, self.after = self.after, []
+        for callback in after:
+            callback()
+
+
+class _Calls:
+    def __init__(self) -> None:
+        self.got: list[int] = []
+
+    def deliver(self, header: Any, payload: Any, parts: list[Any]) -> None:
+        self.got.append(header.call_id)
+
+    def failed(self, *args: Any) -> None:
+        raise AssertionError(f"failed: {args}")
+
+    def broken(self, error: Any) -> None:
+        raise AssertionError(f"broken: {error}")
+
+
+async def test_a_receive_completing_inside_a_slice_keeps_the_frames_in_order() -> None:
+    """Frames released by a late frame wait for their slice; a receive that completes
+    at once in the middle of a slice (its part was eager) must not hand over the
+    frames behind it before those ahead of it."""
+    from ucxrpc.codec import Kind
+    from ucxrpc.io.link import Link, key_parts
+    from ucxrpc.protocol import Budget, Outbound
+    from ucxrpc.wire import codec
+
+    key = bytes(range(16))
+    parts: dict[str, bytes] = {}
+    engine, owner = _InlineEngine(parts), _Calls()
+    link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
+    out = Outbound(5, *key_parts(key))
+
+    def request(call: int, value: Any = "x") -> codec.Encoded:
+        return codec.encode(Kind.REQUEST, call, value)
+
+    (late0,) = out.send(1000, request(1000))  # seq 0, held back
+    for call in range(1, 50):
+        out.queue(call, request(call))
+    (first,) = out.flush()  # seqs 1..49
+    (late50,) = out.send(1050, request(1050))  # seq 50, held back
+    for call in range(51, 100):
+        out.queue(call, request(call))
+    out.queue(100, request(100, [b"p" * 20000]))  # seq 100, with a part
+    second, part = out.flush()
+    parts["h"] = bytes(part[1])
+    link.on_frame(first[0], bytearray(first[1]))
+    link.on_frame(second[0], bytearray(second[1]))
+    while link.inbound.pending:
+        engine.drive()
+    link.on_frame(late0[0], bytearray(late0[1]))  # 0..49 can go: a slice now, the rest later
+    link.on_part(part[0], len(part[1]), "h")  # its receive completes at once
+    link.on_frame(late50[0], bytearray(late50[1]))  # 50..99 can go, behind them
+    while link.inbound.pending or engine.after:
+        engine.drive()
+    assert owner.got == [1000, *range(1, 50), 1050, *range(51, 101)]
+    link.close()
+
+
+async def test_deliver_pending_hands_over_the_rest_of_a_batch_at_once() -> None:
+    """What a stopping server calls: the frames that arrived and wait for their turn
+    are delivered now, in order (they are then accepted like those before them)."""
+    from ucxrpc.codec import Kind
+    from ucxrpc.io.link import Link, key_parts
+    from ucxrpc.protocol import Budget, Outbound
+    from ucxrpc.wire import codec
+
+    key = bytes(range(16))
+    engine, owner = _InlineEngine({}), _Calls()
+    link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
+    out = Outbound(5, *key_parts(key))
+    for call in range(1, 201):
+        out.queue(call, codec.encode(Kind.REQUEST, call, "x"))
+    (batch,) = out.flush()
+    link.on_frame(batch[0], bytearray(batch[1]))
+    assert owner.got == list(range(1, DELIVER_SLICE + 1))
+    link.deliver_pending()
+    assert owner.got == list(range(1, 201)) and not link.inbound.pending
+    engine.drive()  # the resume it had asked for finds nothing left
+    assert owner.got == list(range(1, 201))
+    link.close()

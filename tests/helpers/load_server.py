@@ -165,7 +165,7 @@ def snapshot(server: ucxrpc.Server, objects: bool) -> dict[str, Any]:
         "ucx_requests": manager.engine.in_flight,
         "awaited_parts": manager.awaited_parts,
         "announced_bytes": manager.announced_bytes,
-        "waiting_frames": sum(link.inbound.waiting_frames for link in links),
+        "waiting_frames": sum(link.inbound.waiting_frames + link.inbound.pending for link in links),
         "pending_sends": sum(link.pending_sends for link in links),
         "shared_held": held,
         "shared_sent": sent,

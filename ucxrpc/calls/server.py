@@ -321,6 +321,11 @@ class Server:
         if self._tcp is None:
             return
         tcp, self._tcp = self._tcp, None
+        for conn in self._conns:
+            # Calls that arrived before the stop and wait for their turn to be handed
+            # over (the rest of a batch) are accepted like those already delivered.
+            if conn.link is not None:
+                conn.link.deliver_pending()
         self._draining = True
         self.health.shutdown()  # watches say NOT_SERVING and end: the grace is not spent on them
         tcp.close()

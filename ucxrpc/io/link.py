@@ -37,7 +37,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ConnectionLost, ProtocolError, RpcError, Unavailable
-from ..protocol import Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
+from ..protocol import Action, Budget, Deliver, Discard, Fail, Inbound, Outbound, Receive, Violation
 from ..wire import codec
 from ..wire import shared as wire_shared
 from ..wire.codec import Flags, Header, Kind
@@ -153,6 +153,8 @@ class Link:
         self._flush_pending = False
         self._timer: asyncio.TimerHandle | None = None
         self._resuming = False  # the rest of the inbound actions wait for a drive's end
+        self._acting = False  # carrying out actions (a completion may call back)
+        self._again = False  # ... and one did
         self.peer_key = b""
         #: The peer's pid when parts may travel shared (proven in the handshake).
         self.peer_pid: int | None = None
@@ -264,10 +266,43 @@ class Link:
         """The peer sent a frame longer than any frame may be."""
         self._broken(ProtocolError(f"the peer sent a {length}-byte frame"))
 
-    def _act(self) -> None:
+    def deliver_pending(self) -> None:
+        """Hand over at once every frame that arrived and waits for its turn (the
+        server stops: they arrived before it did)."""
+        if not self.closed and not self._acting:
+            self._act(None)
+
+    def _act(self, limit: int | None = DELIVER_SLICE) -> None:
+        if self._acting:
+            # Called back from inside an action (a receive that completed at once):
+            # what it made follows the actions being carried out, in order.
+            self._again = True
+            return
         inbound = self.inbound
+        self._acting = True
+        try:
+            for _ in range(4):
+                self._again = False
+                self._carry_out(inbound.take(limit))
+                if not (self._again and inbound.pending):
+                    break
+        finally:
+            self._acting = False
+        if inbound.pending and not self._resuming and not self.closed:
+            # The rest of a batch: handed over at the end of the drive, after what it
+            # brought from other connections, a slice a time.
+            self._resuming = True
+            self.engine.after_drive(self._resume)
+        if (
+            (inbound.awaited_parts or inbound.waiting_frames)
+            and self._timer is None
+            and not self.closed
+        ):
+            self._timer = self.loop.call_later(inbound.budget.part_timeout / 2, self._expire)
+
+    def _carry_out(self, actions: list[Action]) -> None:
         owner = self.owner
-        for action in inbound.take(DELIVER_SLICE):
+        for action in actions:
             if type(action) is Deliver:
                 if action.header.kind is Kind.RELEASE:
                     self._on_release(action.header, action.payload)
@@ -289,17 +324,6 @@ class Link:
                 owner.failed(action.call_id, action.kind, action.error)
             elif type(action) is Violation:
                 self._broken(action.error)
-        if inbound.pending and not self._resuming and not self.closed:
-            # The rest of a batch: handed over at the end of the drive, after what it
-            # brought from other connections, a slice a time.
-            self._resuming = True
-            self.engine.after_drive(self._resume)
-        if (
-            (inbound.awaited_parts or inbound.waiting_frames)
-            and self._timer is None
-            and not self.closed
-        ):
-            self._timer = self.loop.call_later(inbound.budget.part_timeout / 2, self._expire)
 
     def _resume(self) -> None:
         self._resuming = False

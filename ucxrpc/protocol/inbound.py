@@ -38,7 +38,8 @@ What holds by construction:
 * the bytes and parts a peer may have announced and not yet delivered are bounded
   (``budget``), and checked before any buffer is allocated;
 * a batch's frames are looked at in order, a slice per ``take(limit)``, and all of
-  them before any part is matched (a part never waits on a frame not yet looked at).
+  them before any part is matched (a part never waits on a frame not yet looked at);
+  what waits is bounded (``INBOX_LIMIT``).
 """
 
 from __future__ import annotations
@@ -155,8 +156,9 @@ class Budget(NamedTuple):
 
 DEFAULT_BUDGET: Final = Budget()
 
-#: Batch frames held unread at most: a peer whose batches arrive faster than
-#: :meth:`Inbound.take` asks for them has them all read at once (as if unsliced).
+#: Frames and actions left waiting by :meth:`Inbound.take` at most: past this, a take
+#: takes them all (a peer whose batches arrive faster than they are taken is served as
+#: if nothing were sliced, and the owner's own limits apply).
 INBOX_LIMIT: Final = 4096
 
 
@@ -287,11 +289,17 @@ class Inbound:
         """The actions produced since the last call, in order.
 
         Args:
-            limit: Take actions up to and including the ``limit``-th :class:`Deliver`
-                only; the rest wait for the next call. A batch carries up to a
-                thousand small frames, and handing them all over at once would keep
-                every other connection waiting that long.
+            limit: Take deliveries (and failures) up to the ``limit``-th
+                :class:`Deliver` only, reading no more batch frames than that; the rest
+                wait for the next call. Receives and discards are always taken (they
+                change no delivery's order, and a part's sender waits for its
+                receive). A batch carries up to a thousand small frames: handing them
+                all over at once would keep every other connection waiting that long.
+                With more than ``INBOX_LIMIT`` pending (a peer sending faster than it
+                is served), everything is taken: what waits stays bounded.
         """
+        if limit is not None and self.pending > INBOX_LIMIT:
+            limit = None
         if self._inbox:
             self._unpack(limit)
         out = self._actions
@@ -303,8 +311,13 @@ class Inbound:
             if type(action) is Deliver:
                 delivers += 1
                 if delivers == limit:
-                    self._actions = out[i + 1 :]
-                    return out[: i + 1]
+                    taken = out[: i + 1]
+                    rest: list[Action] = []
+                    for later in out[i + 1 :]:
+                        kind = type(later)
+                        (taken if kind is Receive or kind is Discard else rest).append(later)
+                    self._actions = rest
+                    return taken
         self._actions = []
         return out
 
@@ -339,8 +352,6 @@ class Inbound:
             # Its frames are taken in turn (see take): decoding a thousand of them at
             # once would hold up every other connection that long.
             self._inbox.extend(inner)
-            if len(self._inbox) > INBOX_LIMIT:
-                self._unpack(None)  # a peer sending faster than it is served
         elif self._inbox:
             self._inbox.append(buf)  # behind the batch frames before it
         else:
