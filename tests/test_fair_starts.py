@@ -461,3 +461,49 @@ async def test_deliver_pending_hands_over_the_rest_of_a_batch_at_once() -> None:
     engine.drive()  # the resume it had asked for finds nothing left
     assert owner.got == list(range(1, 201))
     link.close()
+
+
+class _DeadPeerEngine(_InlineEngine):
+    """Receives fail at once: the peer is gone."""
+
+    def receive(self, handle: str, buf: Any, cb: Any) -> None:
+        from ucxrpc.errors import ConnectionLost
+
+        cb(ConnectionLost("the peer is gone"))
+
+
+class _ClosingCalls(_Calls):
+    """Closes the link when it breaks, as a client does (its calls then fail)."""
+
+    link: Any = None
+
+    def failed(self, call_id: int, kind: Any, error: Any) -> None:
+        self.got.append(-call_id)
+
+    def broken(self, error: Any) -> None:
+        self.got.append(0)
+        self.link.close()
+
+
+async def test_replies_that_arrived_are_handed_over_before_a_dead_peer_breaks_the_link() -> None:
+    """40 replies in a batch, then one with a part whose receive finds the peer gone:
+    the 40 are delivered (not turned into lost calls), then the call with the part
+    fails, then the link breaks."""
+    from ucxrpc.codec import Kind
+    from ucxrpc.io.link import Link, key_parts
+    from ucxrpc.protocol import Budget, Outbound
+    from ucxrpc.wire import codec
+
+    key = bytes(range(16))
+    engine, owner = _DeadPeerEngine({}), _ClosingCalls()
+    link = owner.link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
+    out = Outbound(5, *key_parts(key))
+    for call in range(1, 41):
+        out.queue(call, codec.encode(Kind.REPLY, call, "x"))
+    out.queue(41, codec.encode(Kind.REPLY, 41, [b"p" * 20000]))
+    batch, part = out.flush()
+    link.on_frame(batch[0], bytearray(batch[1]))
+    link.on_part(part[0], len(part[1]), "h")
+    while engine.after:
+        engine.drive()
+    assert owner.got == [*range(1, 41), -41, 0]

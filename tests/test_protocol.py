@@ -496,6 +496,33 @@ def test_a_part_whose_frame_is_in_an_unread_batch_is_matched() -> None:
     assert codec.decode_payload(deliver.header, deliver.payload, deliver.parts) == [b"p" * 20000]
 
 
+def test_a_part_reads_the_unread_batch_frames_only_up_to_its_own() -> None:
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    for call in range(1, 5):
+        out.queue(call, codec.encode(Kind.REPLY, call, "s"))
+    out.queue(5, codec.encode(Kind.REPLY, 5, [b"p" * 20000]))
+    for call in range(6, 301):
+        out.queue(call, codec.encode(Kind.REPLY, call, "s"))
+    messages = out.flush()
+    ((part_tag, part),) = [m for m in messages if m[0] & codec.DATA_BIT]
+    for tag, frame in messages:
+        if not tag & codec.DATA_BIT:
+            inb.on_frame(tag, bytearray(frame))
+    assert _delivered(inb.take(1)) == [1]
+    inb.on_part(part_tag, len(part), "h")
+    assert inb.pending > 250  # the frames after the part's own are still unread
+    taken = inb.take(16)
+    assert _delivered(taken) == [2, 3, 4]  # 5 waits for its part, and the rest behind it
+    (receive,) = [a for a in taken if isinstance(a, Receive)]
+    receive.buffer[:] = part
+    inb.on_part_done(receive.token, True)
+    got = _delivered(inb.take(16))
+    while inb.pending:
+        got += _delivered(inb.take(16))
+    assert got == list(range(5, 301))
+
+
 def test_closing_discards_the_parts_of_receives_not_taken() -> None:
     out = Outbound(CONN, SECRET, KEY)
     inb = Inbound(CONN, SECRET, KEY)
@@ -512,8 +539,9 @@ def test_closing_discards_the_parts_of_receives_not_taken() -> None:
 
 def test_what_waits_stays_bounded_when_batches_arrive_faster_than_they_are_taken() -> None:
     """Four batches of 600 one-way calls per drive, each followed by a take of one
-    slice, and one more per drive: past INBOX_LIMIT a take takes everything, so what
-    waits stays bounded, and every call is delivered once, in order."""
+    slice, and one more per drive: past INBOX_LIMIT a take takes the excess too, so
+    what waits stays bounded (and no take is much more than a batch), and every call is
+    delivered once, in order."""
     out = Outbound(CONN, SECRET, KEY)
     inb = Inbound(CONN, SECRET, KEY)
     got: list[int] = []
@@ -525,7 +553,9 @@ def test_what_waits_stays_bounded_when_batches_arrive_faster_than_they_are_taken
                 out.queue(call, codec.encode(Kind.REPLY, call, "n" * 60))
             (batch,) = out.flush()
             inb.on_frame(batch[0], bytearray(batch[1]))
-            got += _delivered(inb.take(16))
+            taken = _delivered(inb.take(16))
+            assert len(taken) <= 16 + 600  # the excess, never everything at once
+            got += taken
             assert inb.pending <= INBOX_LIMIT + 600
         got += _delivered(inb.take(16))
     got += _delivered(inb.take())

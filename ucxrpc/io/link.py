@@ -155,6 +155,7 @@ class Link:
         self._resuming = False  # the rest of the inbound actions wait for a drive's end
         self._acting = False  # carrying out actions (a completion may call back)
         self._again = False  # ... and one did
+        self._lost_error: RpcError | None = None  # a receive inside a slice found the peer gone
         self.peer_key = b""
         #: The peer's pid when parts may travel shared (proven in the handshake).
         self.peer_pid: int | None = None
@@ -288,6 +289,10 @@ class Link:
                     break
         finally:
             self._acting = False
+        lost, self._lost_error = self._lost_error, None
+        if lost is not None:
+            self._lost(lost)
+            return
         if inbound.pending and not self._resuming and not self.closed:
             # The rest of a batch: handed over at the end of the drive, after what it
             # brought from other connections, a slice a time.
@@ -325,6 +330,17 @@ class Link:
             elif type(action) is Violation:
                 self._broken(action.error)
 
+    def _lost(self, error: RpcError) -> None:
+        """A receive found the peer gone: what arrived before it is handed over first
+        (replies already here are not turned into lost calls), then the link breaks."""
+        if self._acting:
+            # Inside a slice (the receive failed at once): after the slice.
+            if self._lost_error is None:
+                self._lost_error = error
+            return
+        self.deliver_pending()
+        self._broken(error)
+
     def _resume(self) -> None:
         self._resuming = False
         if not self.closed:
@@ -333,7 +349,7 @@ class Link:
     def _part_done(self, token: Any) -> Done:
         def done(exc: BaseException | None) -> None:
             if isinstance(exc, ConnectionLost):
-                self._broken(exc)  # the peer is gone, not just this part
+                self._lost(exc)  # the peer is gone, not just this part
             self.inbound.on_part_done(token, exc is None)
             self._act()
 
@@ -349,7 +365,7 @@ class Link:
             self._queue_release((where.seq << 8) | where.part)
             if exc is not None:
                 if isinstance(exc, ConnectionLost):
-                    self._broken(exc)
+                    self._lost(exc)
                 self.inbound.on_part_done(token, False)
                 self._act()
                 return
@@ -382,7 +398,7 @@ class Link:
                     )
                 )
                 if isinstance(err, ConnectionLost):
-                    self._broken(err)  # the peer died before we opened its file
+                    self._lost(err)  # the peer died before we opened its file
                 elif self.peer_memory is not None and self.peer_memory.forbidden:
                     self._stop_reading()
                 self.inbound.on_part_done(token, False, error=err)

@@ -156,9 +156,12 @@ class Budget(NamedTuple):
 
 DEFAULT_BUDGET: Final = Budget()
 
+#: Batch frames looked at per step while a part's frame is searched for.
+_SEARCH_STEP: Final = 16
+
 #: Frames and actions left waiting by :meth:`Inbound.take` at most: past this, a take
-#: takes them all (a peer whose batches arrive faster than they are taken is served as
-#: if nothing were sliced, and the owner's own limits apply).
+#: takes the excess too (a peer whose batches arrive faster than they are taken gets
+#: larger slices, about a batch at most, and the owner's own limits apply).
 INBOX_LIMIT: Final = 4096
 
 
@@ -296,10 +299,10 @@ class Inbound:
                 receive). A batch carries up to a thousand small frames: handing them
                 all over at once would keep every other connection waiting that long.
                 With more than ``INBOX_LIMIT`` pending (a peer sending faster than it
-                is served), everything is taken: what waits stays bounded.
+                is served), the excess is taken too: what waits stays bounded.
         """
         if limit is not None and self.pending > INBOX_LIMIT:
-            limit = None
+            limit += self.pending - INBOX_LIMIT  # the excess too: about a batch at most
         if self._inbox:
             self._unpack(limit)
         out = self._actions
@@ -377,10 +380,11 @@ class Inbound:
 
     def on_part(self, tag: int, length: int, handle: Any) -> None:
         """A data part of ``length`` bytes is waiting in UCX under ``tag``."""
-        if self._inbox:
-            # Its frame may be among the batch frames not yet looked at: look at them
-            # all first, or the part would be taken for one that came early.
-            self._unpack(None)
+        # Its frame may be among the batch frames not yet looked at: look at them up to
+        # it first (all of them for a stranger's part), or it would be taken for one
+        # that came early.
+        while self._inbox and tag not in self._expected and self.broken is None:
+            self._unpack(_SEARCH_STEP)
         if self.broken is not None:
             self._actions.append(Discard(handle, length))
             return
