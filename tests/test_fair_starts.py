@@ -21,10 +21,14 @@ from conftest import until
 
 import ucxrpc
 from ucxrpc import HealthApi
+from ucxrpc.codec import Kind
+from ucxrpc.errors import ConnectionLost
 from ucxrpc.io import engine as engine_module
 from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, Engine
-from ucxrpc.io.link import DELIVER_SLICE
+from ucxrpc.io.link import DELIVER_SLICE, Link, key_parts
 from ucxrpc.io.ucx import lib
+from ucxrpc.protocol import Budget, Outbound
+from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -384,6 +388,13 @@ class _InlineEngine:
             callback()
 
 
+def _linked(engine: _InlineEngine, owner: Any) -> tuple[Link, Outbound]:
+    """A Link on ``engine`` delivering to ``owner``, and the peer's Outbound for it."""
+    key = bytes(range(16))
+    link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
+    return link, Outbound(5, *key_parts(key))
+
+
 class _Calls:
     def __init__(self) -> None:
         self.got: list[int] = []
@@ -402,16 +413,9 @@ async def test_a_receive_completing_inside_a_slice_keeps_the_frames_in_order() -
     """Frames released by a late frame wait for their slice; a receive that completes
     at once in the middle of a slice (its part was eager) must not hand over the
     frames behind it before those ahead of it."""
-    from ucxrpc.codec import Kind
-    from ucxrpc.io.link import Link, key_parts
-    from ucxrpc.protocol import Budget, Outbound
-    from ucxrpc.wire import codec
-
-    key = bytes(range(16))
     parts: dict[str, bytes] = {}
     engine, owner = _InlineEngine(parts), _Calls()
-    link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
-    out = Outbound(5, *key_parts(key))
+    link, out = _linked(engine, owner)
 
     def request(call: int, value: Any = "x") -> codec.Encoded:
         return codec.encode(Kind.REQUEST, call, value)
@@ -442,15 +446,8 @@ async def test_a_receive_completing_inside_a_slice_keeps_the_frames_in_order() -
 async def test_deliver_pending_hands_over_the_rest_of_a_batch_at_once() -> None:
     """What a stopping server calls: the frames that arrived and wait for their turn
     are delivered now, in order (they are then accepted like those before them)."""
-    from ucxrpc.codec import Kind
-    from ucxrpc.io.link import Link, key_parts
-    from ucxrpc.protocol import Budget, Outbound
-    from ucxrpc.wire import codec
-
-    key = bytes(range(16))
     engine, owner = _InlineEngine({}), _Calls()
-    link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
-    out = Outbound(5, *key_parts(key))
+    link, out = _linked(engine, owner)
     for call in range(1, 201):
         out.queue(call, codec.encode(Kind.REQUEST, call, "x"))
     (batch,) = out.flush()
@@ -467,8 +464,6 @@ class _DeadPeerEngine(_InlineEngine):
     """Receives fail at once: the peer is gone."""
 
     def receive(self, handle: str, buf: Any, cb: Any) -> None:
-        from ucxrpc.errors import ConnectionLost
-
         cb(ConnectionLost("the peer is gone"))
 
 
@@ -489,15 +484,9 @@ async def test_replies_that_arrived_are_handed_over_before_a_dead_peer_breaks_th
     """40 replies in a batch, then one with a part whose receive finds the peer gone:
     the 40 are delivered (not turned into lost calls), then the call with the part
     fails, then the link breaks."""
-    from ucxrpc.codec import Kind
-    from ucxrpc.io.link import Link, key_parts
-    from ucxrpc.protocol import Budget, Outbound
-    from ucxrpc.wire import codec
-
-    key = bytes(range(16))
     engine, owner = _DeadPeerEngine({}), _ClosingCalls()
-    link = owner.link = Link(engine, 5, key, owner, Budget())  # type: ignore[arg-type]
-    out = Outbound(5, *key_parts(key))
+    link, out = _linked(engine, owner)
+    owner.link = link
     for call in range(1, 41):
         out.queue(call, codec.encode(Kind.REPLY, call, "x"))
     out.queue(41, codec.encode(Kind.REPLY, 41, [b"p" * 20000]))

@@ -282,6 +282,8 @@ class Link:
         inbound = self.inbound
         self._acting = True
         try:
+            # Again while callbacks made more (a receive completed at once), but a
+            # few rounds only: a slice must stay a slice.
             for _ in range(4):
                 self._again = False
                 self._carry_out(inbound.take(limit))
