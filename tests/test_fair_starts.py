@@ -362,11 +362,58 @@ async def test_a_batch_of_calls_reaches_the_server_a_slice_per_drive() -> None:
         await client.close()
 
 
+async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive() -> None:
+    """1,000 calls of 300 B sent in one loop iteration leave the client as several
+    BATCH messages, which the server's drive takes together: they share one slice
+    (and the drive's end one more), instead of a slice each."""
+    server = ucxrpc.Server(max_concurrency=None)
+    gate = asyncio.Event()
+
+    @server.rpc
+    async def hold(i: int, pad: str) -> int:
+        await gate.wait()
+        return i
+
+    @server.rpc
+    async def ping() -> str:
+        return "pong"
+
+    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
+        await server.start(m1, "127.0.0.1", 0)
+        client = await m2.connect("127.0.0.1", server.port)
+        assert await client.call("ping") == "pong"
+        engine = m1.engine
+        seen: list[int] = []
+        done = False
+
+        def record() -> None:
+            seen.append(server.inflight)
+            if not done:
+                engine.after_drive(record)
+
+        engine.after_drive(record)
+        await until(lambda: len(seen) > 2)
+        batches = client.link.outbound.batches
+        pad = "p" * 300
+        calls = [asyncio.ensure_future(client.call("hold", i, pad)) for i in range(1000)]
+        try:
+            await until(lambda: server.inflight == 1000)
+        finally:
+            done = True
+            gate.set()
+        assert await asyncio.gather(*calls) == list(range(1000))
+        assert client.link.outbound.batches - batches >= 4  # (what makes this test)
+        steps = [b - a for a, b in itertools.pairwise(seen)]
+        assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
+        await client.close()
+
+
 class _InlineEngine:
     """What a Link needs of an engine, with receives that complete at once (a small
     part that arrived whole) and drives run by hand."""
 
     forked = False
+    drives = 0
 
     def __init__(self, parts: dict[str, bytes]) -> None:
         self.parts = parts
@@ -383,9 +430,11 @@ class _InlineEngine:
         raise AssertionError("nothing is discarded")
 
     def drive(self) -> None:
+        """The end of this drive (what waits for it runs), then the next one."""
         after, self.after = self.after, []
         for callback in after:
             callback()
+        self.drives += 1
 
 
 def _linked(engine: _InlineEngine, owner: Any) -> tuple[Link, Outbound]:
@@ -457,6 +506,33 @@ async def test_deliver_pending_hands_over_the_rest_of_a_batch_at_once() -> None:
     assert owner.got == list(range(1, 201)) and not link.inbound.pending
     engine.drive()  # the resume it had asked for finds nothing left
     assert owner.got == list(range(1, 201))
+    link.close()
+
+
+async def test_frames_arriving_in_one_drive_share_one_slice() -> None:
+    """A drive that brings several of a connection's frames (a ring pass takes eight)
+    hands over one slice between them, and one more at its end: each frame used to
+    hand over a slice of its own from the batch waiting before it (eight frames, 128
+    calls in one drive)."""
+    engine, owner = _InlineEngine({}), _Calls()
+    link, out = _linked(engine, owner)
+    for call in range(1, 201):
+        out.queue(call, codec.encode(Kind.REQUEST, call, "x"))
+    (batch,) = out.flush()
+    singles = [out.send(call, codec.encode(Kind.REQUEST, call, "x"))[0] for call in range(201, 208)]
+    link.on_frame(batch[0], bytearray(batch[1]))
+    for tag, frame in singles:
+        link.on_frame(tag, bytearray(frame))
+    assert owner.got == list(range(1, DELIVER_SLICE + 1))
+    engine.drive()  # its end: a slice of its own
+    assert owner.got == list(range(1, 2 * DELIVER_SLICE + 1))
+    # The next drive's frame starts a new slice.
+    (late,) = out.send(208, codec.encode(Kind.REQUEST, 208, "x"))
+    link.on_frame(late[0], bytearray(late[1]))
+    assert owner.got == list(range(1, 3 * DELIVER_SLICE + 1))
+    while link.inbound.pending or engine.after:
+        engine.drive()
+    assert owner.got == list(range(1, 209))
     link.close()
 
 

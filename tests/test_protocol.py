@@ -579,6 +579,24 @@ def test_receives_are_taken_ahead_of_the_slice() -> None:
     assert _delivered(inb.take()) == list(range(5, 41))
 
 
+def test_a_take_of_no_deliveries_hands_over_the_receives_only() -> None:
+    """A connection whose slice for this drive is spent takes with a limit of 0: the
+    receives (its peer's parts wait for them) leave, every delivery waits."""
+    out = Outbound(CONN, SECRET, KEY)
+    inb = Inbound(CONN, SECRET, KEY)
+    for call in range(1, 41):
+        out.queue(call, codec.encode(Kind.REPLY, call, "s"))
+    out.queue(41, codec.encode(Kind.REPLY, 41, [b"r" * 20000]))
+    (batch_tag, batch), (part_tag, part) = out.flush()
+    inb.on_frame(batch_tag, bytearray(batch))
+    inb.on_part(part_tag, len(part), "h")
+    none = inb.take(0)
+    assert _delivered(none) == [] and [a.handle for a in none if isinstance(a, Receive)] == ["h"]
+    assert inb.take(0) == []
+    assert _delivered(inb.take(3)) == [1, 2, 3]
+    assert _delivered(inb.take()) == list(range(4, 41))
+
+
 def test_a_stranger_frame_inside_a_batch_breaks_the_connection_when_reached() -> None:
     inb = Inbound(CONN, SECRET, KEY)
     frames = []

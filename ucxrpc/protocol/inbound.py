@@ -293,8 +293,8 @@ class Inbound:
 
         Args:
             limit: Take deliveries (and failures) up to the ``limit``-th
-                :class:`Deliver` only, reading no more batch frames than that; the rest
-                wait for the next call. Receives and discards are always taken (they
+                :class:`Deliver` only (none for 0), reading no more batch frames than
+                that; the rest wait for the next call. Receives and discards are always taken (they
                 change no delivery's order, and a part's sender waits for its
                 receive). A batch carries up to a thousand small frames: handing them
                 all over at once would keep every other connection waiting that long.
@@ -309,20 +309,25 @@ class Inbound:
         if limit is None or len(out) <= limit:
             self._actions = []
             return out
-        delivers = 0
-        for i, action in enumerate(out):
-            if type(action) is Deliver:
-                delivers += 1
-                if delivers == limit:
-                    taken = out[: i + 1]
-                    rest: list[Action] = []
-                    for later in out[i + 1 :]:
-                        kind = type(later)
-                        (taken if kind is Receive or kind is Discard else rest).append(later)
-                    self._actions = rest
-                    return taken
-        self._actions = []
-        return out
+        cut = 0  # how many actions go before the rest is sorted (none for a limit of 0)
+        if limit > 0:
+            delivers = 0
+            for i, action in enumerate(out):
+                if type(action) is Deliver:
+                    delivers += 1
+                    if delivers == limit:
+                        cut = i + 1
+                        break
+            else:
+                self._actions = []
+                return out
+        taken = out[:cut]
+        rest: list[Action] = []
+        for later in out[cut:]:
+            kind = type(later)
+            (taken if kind is Receive or kind is Discard else rest).append(later)
+        self._actions = rest
+        return taken
 
     # -- events ---------------------------------------------------------------------------
 
