@@ -12,7 +12,9 @@ The goal: a ping's p99 under load below 2 ms and within 5x of its idle p99.
 
 Per phase it also reports each process's share of a core and how long it waited,
 runnable, for one (``/proc/<pid>/schedstat``: run time and run-queue wait of its main
-thread, where the library's work runs), to tell a slow program from a busy machine.
+thread, where the library's work runs), and how busy the machine's cores were and how
+much of their time the hypervisor took (``/proc/stat``), to tell a slow program from a
+busy machine.
 
 Usage::
 
@@ -47,6 +49,16 @@ def _schedstat(pid: int) -> tuple[int, int]:
     return int(ran), int(waited)
 
 
+def _cpu_ticks() -> tuple[int, int, int]:
+    """The machine's busy, idle and stolen clock ticks so far, summed over its cores."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0, 0
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return user + nice + system + irq + softirq, idle + iowait, steal
+
+
 def run(
     pings: int = 2000,
     burst: int = 5000,
@@ -74,9 +86,11 @@ def run(
 
         procs = {"server": server.pid, "ping": pinger.pid, "flood": flooder.pid}
         sched: dict[str, dict[str, tuple[float, float]]] = {}
+        machine: dict[str, tuple[float, float]] = {}
 
         def phase(name: str) -> None:
             before = {k: _schedstat(pid) for k, pid in procs.items()}
+            ticks = _cpu_ticks()
             t0 = time.perf_counter()
             for prio in priorities:
                 pinger.send(f"run {name} {pings} {prio} {gap_ms}")
@@ -91,6 +105,11 @@ def run(
                 rows.append(row)
             secs = time.perf_counter() - t0
             after = {k: _schedstat(pid) for k, pid in procs.items()}
+            busy, idle, steal = (b - a for a, b in zip(ticks, _cpu_ticks(), strict=True))
+            total = busy + idle + steal
+            machine[name] = (
+                (round(100 * busy / total, 1), round(100 * steal / total, 1)) if total else (0, 0)
+            )
             sched[name] = {
                 k: (
                     round((after[k][0] - before[k][0]) / 1e7 / secs, 1),
@@ -121,6 +140,7 @@ def run(
         "rows": rows,
         "flood": flood,
         "sched": sched,
+        "machine": machine,
     }
 
 
@@ -149,12 +169,15 @@ def table(summary: dict[str, Any]) -> str:
     if s.get("sched"):
         lines += [
             "",
-            "| phase | server: % of a core / % waiting for one | ping client | flood client |",
-            "|---|---|---|---|",
+            "| phase | server: % of a core / % waiting for one | ping client | flood client "
+            "| machine: % of its cores busy / stolen |",
+            "|---|---|---|---|---|",
         ]
+        machine = s.get("machine", {})
         for phase, procs in s["sched"].items():
             cells = " | ".join(f"{run:.0f} / {wait:.0f}" for run, wait in procs.values())
-            lines.append(f"| {phase} | {cells} |")
+            busy, steal = machine.get(phase, (0, 0))
+            lines.append(f"| {phase} | {cells} | {busy:.0f} / {steal:.0f} |")
     return "\n".join(lines)
 
 
