@@ -120,6 +120,22 @@ async def test_an_after_drive_callback_runs_once_at_the_end_of_the_next_drive(
     assert len(seen) == 2  # once
 
 
+async def test_a_progress_pass_by_hand_is_a_drive(make_engine: Any) -> None:
+    """``Engine.progress()`` (what a polling loop calls: ``Worker.try_recv_tag``,
+    ``Worker.progress``) is a drive: it is counted, and what waits for the end of a
+    drive runs after it. A connection whose slice of a batch is spent gets its next
+    slice from it, not only when the event loop next drives (a loop that polls
+    without awaiting would otherwise never see the 17th message)."""
+    engine = make_engine(mode="polling")
+    ran: list[int] = []
+    engine.after_drive(lambda: ran.append(engine.drives))
+    drives = engine.drives
+    engine.progress()  # without yielding to the loop
+    assert engine.drives == drives + 1 and ran == [drives + 1]
+    engine.progress()
+    assert ran == [drives + 1]  # once
+
+
 async def test_a_drive_is_never_queued_twice(make_engine: Any) -> None:
     """A callback that asks for another drive (a server's next turn) while the drive
     that runs it reschedules itself must not make two drives per loop iteration: they

@@ -336,12 +336,7 @@ class Engine:
         except Exception as exc:  # never let one bad drive stop progress for good
             self._failed("drive", exc)
         if self._after:
-            after, self._after = self._after, []
-            for callback in after:
-                try:
-                    callback()
-                except Exception as exc:
-                    self._failed("after drive", exc)
+            self._run_after()
             active = True
         now = time.perf_counter()
         if active:
@@ -393,6 +388,14 @@ class Engine:
         if not self._scheduled:  # (a callback run after this drive may have kicked)
             self._scheduled = True
             self._loop.call_soon(self._drive)
+
+    def _run_after(self) -> None:
+        after, self._after = self._after, []
+        for callback in after:
+            try:
+                callback()
+            except Exception as exc:
+                self._failed("after drive", exc)
 
     def _step(self) -> bool:
         worker = self._worker
@@ -693,9 +696,16 @@ class Engine:
         return [*ops, *self._stranded, self._junk]
 
     def progress(self) -> int:
-        """Run one progress pass now; returns the number of completions and arrivals."""
+        """Run one progress pass now, a drive like the loop's (what waits for the end of
+        a drive runs after it: a connection's next slice of a batch, the server's next
+        start turn); returns the number of completions and arrivals."""
+        if self._closed:
+            return 0
+        self.drives += 1
         before = self.in_flight
         active = self._step()
+        if self._after:
+            self._run_after()
         return max(0, before - self.in_flight) + int(active)
 
     @property
