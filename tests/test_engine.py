@@ -10,10 +10,14 @@ import pytest
 from conftest import until
 
 from ucxrpc.io.engine import Engine
+from ucxrpc.io.runtime import LOOPBACK_DEVICE
 from ucxrpc.io.ucx import Array, lib
 from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(60)
+
+#: UCX on the loopback device only (a raw context on every device listens on all).
+LOOPBACK = {"NET_DEVICES": LOOPBACK_DEVICE}
 
 
 class Faulty:
@@ -63,7 +67,7 @@ class Recorder:
 
 @pytest.fixture
 async def pair() -> Any:
-    ctx = lib.UCXContext({}, (lib.Feature.TAG, lib.Feature.WAKEUP))
+    ctx = lib.UCXContext(LOOPBACK, (lib.Feature.TAG, lib.Feature.WAKEUP))
     worker = lib.UCXWorker(ctx)
     worker.init_blocking_progress_mode()
     faulty = Faulty(worker)
@@ -78,7 +82,7 @@ async def pair() -> Any:
         junk_limit=1 << 20,
     )
     holder.append(engine)
-    sender_ctx = lib.UCXContext({}, (lib.Feature.TAG,))
+    sender_ctx = lib.UCXContext(LOOPBACK, (lib.Feature.TAG,))
     sender = lib.UCXWorker(sender_ctx)
     addr = lib.UCXAddress.create_from_buffer(bytes(worker.address.tobytes()))
     ep = sender.create_endpoint_from_worker_address(addr, False)
@@ -159,7 +163,7 @@ async def test_one_drive_takes_connections_in_turn(pair: Any) -> None:
     """Frames found by one drive are handed over connection by connection in turn
     (each connection's own in arrival order): a flood from one peer does not go first."""
     faulty, _, recorder, _ = pair
-    sender_ctx = lib.UCXContext({}, (lib.Feature.TAG,))
+    sender_ctx = lib.UCXContext(LOOPBACK, (lib.Feature.TAG,))
     sender = lib.UCXWorker(sender_ctx)
     addr = lib.UCXAddress.create_from_buffer(bytes(faulty.worker.address.tobytes()))
     ep = sender.create_endpoint_from_worker_address(addr, False)

@@ -26,11 +26,15 @@ from ucxrpc.errors import ConnectionLost
 from ucxrpc.io import engine as engine_module
 from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, Engine
 from ucxrpc.io.link import DELIVER_SLICE, Link, key_parts
+from ucxrpc.io.runtime import LOOPBACK_DEVICE
 from ucxrpc.io.ucx import lib
 from ucxrpc.protocol import Budget, Outbound
 from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(60)
+
+#: UCX on the loopback device only (a raw context on every device listens on all).
+LOOPBACK = {"NET_DEVICES": LOOPBACK_DEVICE}
 
 
 class Quiet:
@@ -77,7 +81,7 @@ async def make_engine() -> Any:
     made: list[Engine] = []
 
     def make(mode: str = "blocking", spin: float = 0.0) -> Engine:
-        ctx = lib.UCXContext({}, (lib.Feature.TAG, lib.Feature.WAKEUP))
+        ctx = lib.UCXContext(LOOPBACK, (lib.Feature.TAG, lib.Feature.WAKEUP))
         worker = lib.UCXWorker(ctx)
         worker.init_blocking_progress_mode()
         engine = Engine(

@@ -20,6 +20,7 @@ from ucxx._lib.arr import Array
 from ucxrpc.config import Config
 from ucxrpc.io.control import initiate_handshake
 from ucxrpc.io.link import key_parts
+from ucxrpc.io.runtime import LOOPBACK_DEVICE
 from ucxrpc.protocol import Outbound
 from ucxrpc.wire import codec
 
@@ -32,7 +33,11 @@ class RawPeer:
     """A peer written against ucxx's low-level API."""
 
     def __init__(self, role: str | None = None) -> None:
-        self.ctx = lib.UCXContext({}, (lib.Feature.TAG, lib.Feature.WAKEUP))
+        # On loopback only, as a manager confines itself when it serves on 127.0.0.1:
+        # a raw context on every device listens on the host's other interfaces too.
+        self.ctx = lib.UCXContext(
+            {"NET_DEVICES": LOOPBACK_DEVICE}, (lib.Feature.TAG, lib.Feature.WAKEUP)
+        )
         self.worker = lib.UCXWorker(self.ctx)
         self.cid = 4242
         self.key = bytes(range(16))
