@@ -336,56 +336,11 @@ async def test_calls_waiting_for_a_turn_count_in_flight_and_can_be_cancelled(
         await server.stop(grace=1.0)
 
 
-async def test_a_batch_of_calls_reaches_the_server_a_slice_per_drive() -> None:
-    """900 calls sent in one loop iteration leave the client as one BATCH message; the
-    server takes its frames a slice at a time (``DELIVER_SLICE`` per turn, at most two
-    turns a drive) instead of all in the drive that received it, so another
-    connection's call waits behind a slice, not behind the batch. Every call is
+async def _steps_per_drive(calls: int, pad: str = "") -> tuple[list[int], int]:
+    """Send ``calls`` calls in one loop iteration to a server whose handlers wait until
+    all have arrived; returns how much ``server.inflight`` grew from each drive's end
+    to the next, and how many BATCH messages the client built for them. Every call is
     answered once."""
-    server = ucxrpc.Server(max_concurrency=None)
-    gate = asyncio.Event()
-
-    @server.rpc
-    async def hold(i: int) -> int:
-        await gate.wait()
-        return i
-
-    @server.rpc
-    async def ping() -> str:
-        return "pong"
-
-    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
-        await server.start(m1, "127.0.0.1", 0)
-        client = await m2.connect("127.0.0.1", server.port)
-        assert await client.call("ping") == "pong"
-        engine = m1.engine
-        seen: list[int] = []
-        done = False
-
-        def record() -> None:
-            seen.append(server.inflight)
-            if not done:
-                engine.after_drive(record)
-
-        engine.after_drive(record)
-        await until(lambda: len(seen) > 2)
-        calls = [asyncio.ensure_future(client.call("hold", i)) for i in range(900)]
-        try:
-            await until(lambda: server.inflight == 900)
-        finally:
-            done = True
-            gate.set()
-        assert await asyncio.gather(*calls) == list(range(900))
-        steps = [b - a for a, b in itertools.pairwise(seen)]
-        assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
-        assert sum(1 for s in steps if s > 0) >= 900 // (2 * DELIVER_SLICE + 1)
-        await client.close()
-
-
-async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive() -> None:
-    """1,000 calls of 300 B sent in one loop iteration leave the client as several
-    BATCH messages, which the server's drive takes together: they share one slice
-    (and the drive's end one more), instead of a slice each."""
     server = ucxrpc.Server(max_concurrency=None)
     gate = asyncio.Event()
 
@@ -402,6 +357,7 @@ async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive
         await server.start(m1, "127.0.0.1", 0)
         client = await m2.connect("127.0.0.1", server.port)
         assert await client.call("ping") == "pong"
+        assert client.link is not None
         engine = m1.engine
         seen: list[int] = []
         done = False
@@ -414,18 +370,35 @@ async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive
         engine.after_drive(record)
         await until(lambda: len(seen) > 2)
         batches = client.link.outbound.batches
-        pad = "p" * 300
-        calls = [asyncio.ensure_future(client.call("hold", i, pad)) for i in range(1000)]
+        futures = [asyncio.ensure_future(client.call("hold", i, pad)) for i in range(calls)]
         try:
-            await until(lambda: server.inflight == 1000)
+            await until(lambda: server.inflight == calls)
         finally:
             done = True
             gate.set()
-        assert await asyncio.gather(*calls) == list(range(1000))
-        assert client.link.outbound.batches - batches >= 4  # (what makes this test)
-        steps = [b - a for a, b in itertools.pairwise(seen)]
-        assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
+        assert await asyncio.gather(*futures) == list(range(calls))
+        batches = client.link.outbound.batches - batches
         await client.close()
+    return [b - a for a, b in itertools.pairwise(seen)], batches
+
+
+async def test_a_batch_of_calls_reaches_the_server_a_slice_per_drive() -> None:
+    """900 calls sent in one loop iteration leave the client as one BATCH message; the
+    server takes its frames a slice at a time (``DELIVER_SLICE`` per drive and one
+    more at its end) instead of all in the drive that received it, so another
+    connection's call waits behind a slice, not behind the batch."""
+    steps, _ = await _steps_per_drive(900)
+    assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
+    assert sum(1 for s in steps if s > 0) >= 900 // (2 * DELIVER_SLICE + 1)
+
+
+async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive() -> None:
+    """1,000 calls of 300 B sent in one loop iteration leave the client as several
+    BATCH messages, which the server's drive takes together: they share one slice
+    (and the drive's end one more), instead of a slice each (96 calls in one drive)."""
+    steps, batches = await _steps_per_drive(1000, "p" * 300)
+    assert batches >= 4  # (what makes this test)
+    assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
 
 
 class _InlineEngine:

@@ -562,9 +562,9 @@ def test_what_waits_stays_bounded_when_batches_arrive_faster_than_they_are_taken
     assert got == list(range(1, call + 1))
 
 
-def test_receives_are_taken_ahead_of_the_slice() -> None:
-    """A part's sender waits for its receive: a take with a limit hands over every
-    receive made so far, even those behind the deliveries left for later."""
+def _forty_replies_and_a_part() -> Inbound:
+    """An Inbound given a batch of 40 replies, then a 41st with a part (handle "h"):
+    every frame is read (for the part), and nothing taken yet."""
     out = Outbound(CONN, SECRET, KEY)
     inb = Inbound(CONN, SECRET, KEY)
     for call in range(1, 41):
@@ -572,7 +572,14 @@ def test_receives_are_taken_ahead_of_the_slice() -> None:
     out.queue(41, codec.encode(Kind.REPLY, 41, [b"r" * 20000]))
     (batch_tag, batch), (part_tag, part) = out.flush()
     inb.on_frame(batch_tag, bytearray(batch))
-    inb.on_part(part_tag, len(part), "h")  # all 41 frames read; 40 deliveries wait
+    inb.on_part(part_tag, len(part), "h")
+    return inb
+
+
+def test_receives_are_taken_ahead_of_the_slice() -> None:
+    """A part's sender waits for its receive: a take with a limit hands over every
+    receive made so far, even those behind the deliveries left for later."""
+    inb = _forty_replies_and_a_part()
     first = inb.take(4)
     assert _delivered(first) == [1, 2, 3, 4]
     assert [a.handle for a in first if isinstance(a, Receive)] == ["h"]
@@ -582,14 +589,7 @@ def test_receives_are_taken_ahead_of_the_slice() -> None:
 def test_a_take_of_no_deliveries_hands_over_the_receives_only() -> None:
     """A connection whose slice for this drive is spent takes with a limit of 0: the
     receives (its peer's parts wait for them) leave, every delivery waits."""
-    out = Outbound(CONN, SECRET, KEY)
-    inb = Inbound(CONN, SECRET, KEY)
-    for call in range(1, 41):
-        out.queue(call, codec.encode(Kind.REPLY, call, "s"))
-    out.queue(41, codec.encode(Kind.REPLY, 41, [b"r" * 20000]))
-    (batch_tag, batch), (part_tag, part) = out.flush()
-    inb.on_frame(batch_tag, bytearray(batch))
-    inb.on_part(part_tag, len(part), "h")
+    inb = _forty_replies_and_a_part()
     none = inb.take(0)
     assert _delivered(none) == [] and [a.handle for a in none if isinstance(a, Receive)] == ["h"]
     assert inb.take(0) == []
