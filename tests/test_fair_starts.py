@@ -24,7 +24,7 @@ from ucxrpc import HealthApi
 from ucxrpc.codec import Kind
 from ucxrpc.errors import ConnectionLost
 from ucxrpc.io import engine as engine_module
-from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, Engine
+from ucxrpc.io.engine import DRIVE_TIME, RING_SLICE, SHARE_EVERY, Engine
 from ucxrpc.io.link import DELIVER_SLICE, Link, key_parts
 from ucxrpc.io.runtime import LOOPBACK_DEVICE
 from ucxrpc.io.ucx import lib
@@ -138,6 +138,45 @@ async def test_a_progress_pass_by_hand_is_a_drive(make_engine: Any) -> None:
     assert engine.drives == drives + 1 and ran == [drives + 1]
     engine.progress()
     assert ran == [drives + 1]  # once
+
+
+async def test_a_serving_engine_gives_its_core_up_every_share_interval(
+    make_engine: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A busy server keeps its core for a whole scheduler slice: a client woken on the
+    same core waits, runnable, for the kernel's next tick (4 ms at 250 Hz). An engine
+    that shares its core yields it (``sched_yield``) once per ``SHARE_EVERY`` of
+    work, on drives and sends; one that does not, never does so while busy."""
+    yields: list[float] = []
+    monkeypatch.setattr(engine_module, "_sched_yield", lambda: yields.append(time.perf_counter()))
+    engine = make_engine(mode="polling")
+    engine.share()
+    assert yields == []  # not a server's engine
+    engine.share_core = True
+    engine.share()
+    engine.share()
+    assert len(yields) == 1  # once per interval, however often asked
+    until_ = time.perf_counter() + 2 * SHARE_EVERY
+    while time.perf_counter() < until_:
+        pass
+    engine.share()
+    assert len(yields) == 2
+
+
+async def test_a_server_shares_its_engines_core_and_a_client_does_not() -> None:
+    server = ucxrpc.Server()
+
+    @server.rpc
+    async def ping() -> str:
+        return "pong"
+
+    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
+        await server.start(m1, "127.0.0.1", 0)
+        client = await m2.connect("127.0.0.1", server.port)
+        assert await client.call("ping") == "pong"
+        assert m1.engine.share_core and not m2.engine.share_core
+        await client.close()
+        await server.stop()
 
 
 async def test_a_drive_is_never_queued_twice(make_engine: Any) -> None:
@@ -414,6 +453,9 @@ class _InlineEngine:
 
     def after_drive(self, callback: Any) -> None:
         self.after.append(callback)
+
+    def share(self) -> None:
+        pass
 
     def receive(self, handle: str, buf: Any, cb: Any) -> None:
         buf[:] = self.parts[handle]

@@ -259,6 +259,9 @@ class Server:
             )
         await manager.start()
         manager.prepare(host)
+        # A busy server gives its core up now and then: a client waiting, runnable, for
+        # the same core (its reply is ready) runs then, not at the kernel's next tick.
+        manager.engine.share_core = True
         self._manager = manager
         self._stopped = asyncio.Event()
         self._draining = False

@@ -55,6 +55,7 @@ __all__ = [
     "PROBES_ALWAYS",
     "FORKED_MESSAGE",
     "RING_SLICE",
+    "SHARE_EVERY",
     "Engine",
     "Op",
     "RingSource",
@@ -176,6 +177,9 @@ CONTENDED_YIELD = 200e-6
 CONTENDED_WINDOW = 0.01
 #: Seconds an engine that found the cores contended sleeps when idle instead of spinning.
 CONTENDED_FOR = 0.05
+#: Seconds of work after which a serving engine lets a process waiting for its core run
+#: (``sched_yield``; see :meth:`Engine.share`).
+SHARE_EVERY = 250e-6
 
 
 class Engine:
@@ -259,6 +263,9 @@ class Engine:
         self._nap: asyncio.TimerHandle | None = None
         self._nap_for = _NAP
         self._dozing = False  # slept with the rings' sleep flags set
+        #: Whether this engine shares its core while it works (a server's: see :meth:`share`).
+        self.share_core = False
+        self._yielded = 0.0  # when this engine last gave its core up (a yield)
         loop.add_reader(self._fd, self.kick)
         self.kick()
 
@@ -319,6 +326,22 @@ class Engine:
             self._after.append(callback)
             self.kick()
 
+    def share(self) -> None:
+        """Let a process waiting for this core run (``sched_yield``), if this engine
+        shares its core and has not given it up for ``SHARE_EVERY``: called on every
+        drive and every send.
+
+        A busy server keeps its core for a whole scheduler slice, and a client woken
+        on that core (its reply is ready) waits, runnable, until the kernel's next tick
+        (4 ms at 250 Hz) unless the server gives the core up. A yield with nobody
+        waiting returns at once.
+        """
+        if self.share_core:
+            now = time.perf_counter()
+            if now - self._yielded > SHARE_EVERY:
+                _sched_yield()
+                self._yielded = time.perf_counter()
+
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
         if not self._scheduled and not self._closed:
@@ -329,6 +352,7 @@ class Engine:
         self._scheduled = False
         if self._closed:
             return
+        self.share()
         self.drives += 1
         active = True
         try:
@@ -375,7 +399,8 @@ class Engine:
             # (the peer, or other processes waiting for theirs). Free on an idle core;
             # with more processes than cores, spinners otherwise starve the server.
             _sched_yield()
-            if time.perf_counter() - now > CONTENDED_YIELD:
+            self._yielded = back = time.perf_counter()
+            if back - now > CONTENDED_YIELD:
                 # The core went to another process for a while, twice in a short
                 # time: there are more runnable processes than cores. Spinning then
                 # costs a whole time slice of theirs each time it yields, while a

@@ -663,6 +663,7 @@ class Link:
 
     def _put(self, messages: list[tuple[int, Any]], done: Done | None) -> None:
         engine, ep, out = self.engine, self.ep, self.ring_out
+        engine.share()  # a busy server gives a waiting peer the core now and then
         cb: Done
         ucx_cb: Done
         if done is None:
