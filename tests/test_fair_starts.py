@@ -145,20 +145,22 @@ async def test_a_serving_engine_gives_its_core_up_every_share_interval(
 ) -> None:
     """A busy server keeps its core for a whole scheduler slice: a client woken on the
     same core waits, runnable, for the kernel's next tick (4 ms at 250 Hz). An engine
-    that shares its core yields it (``sched_yield``) once per ``SHARE_EVERY`` of
-    work, on drives and sends; one that does not, never does so while busy."""
+    that shares its core yields it (``sched_yield``) at most once per
+    ``SHARE_EVERY``, on drives and sends; one that does not, never does so while
+    busy."""
+    clock = [1000.0]
     yields: list[float] = []
-    monkeypatch.setattr(engine_module, "_sched_yield", lambda: yields.append(time.perf_counter()))
+    monkeypatch.setattr(engine_module, "_clock", lambda: clock[0])
+    monkeypatch.setattr(engine_module, "_sched_yield", lambda: yields.append(clock[0]))
     engine = make_engine(mode="polling")
     engine.share()
-    assert yields == []  # not a server's engine
+    assert yields == []  # not a serving manager's engine
     engine.share_core = True
     engine.share()
+    clock[0] += SHARE_EVERY / 2
     engine.share()
-    assert len(yields) == 1  # once per interval, however often asked
-    until_ = time.perf_counter() + 2 * SHARE_EVERY
-    while time.perf_counter() < until_:
-        pass
+    assert yields == [1000.0]  # once per interval, however often asked
+    clock[0] += SHARE_EVERY
     engine.share()
     assert len(yields) == 2
 

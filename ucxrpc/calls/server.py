@@ -259,9 +259,6 @@ class Server:
             )
         await manager.start()
         manager.prepare(host)
-        # A busy server gives its core up now and then: a client waiting, runnable, for
-        # the same core (its reply is ready) runs then, not at the kernel's next tick.
-        manager.engine.share_core = True
         self._manager = manager
         self._stopped = asyncio.Event()
         self._draining = False
@@ -274,6 +271,10 @@ class Server:
         except OSError as exc:
             raise Unavailable(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         manager.watch(self._tcp)
+        # A busy server gives its core up now and then: a client waiting, runnable, for
+        # the same core (its reply is ready) runs then, not at the kernel's next tick.
+        # (The manager's one engine: from now on its own connections share too.)
+        manager.engine.share_core = True
         sock = self._tcp.sockets[0].getsockname()
         self._host, self._port = host, int(sock[1])
         manager.own(self, 1, self.stop)

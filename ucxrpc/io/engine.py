@@ -177,9 +177,11 @@ CONTENDED_YIELD = 200e-6
 CONTENDED_WINDOW = 0.01
 #: Seconds an engine that found the cores contended sleeps when idle instead of spinning.
 CONTENDED_FOR = 0.05
-#: Seconds of work after which a serving engine lets a process waiting for its core run
-#: (``sched_yield``; see :meth:`Engine.share`).
+#: Seconds after its last yield at which a serving engine lets a process waiting for its
+#: core run (``sched_yield``; see :meth:`Engine.share`).
 SHARE_EVERY = 250e-6
+
+_clock = time.perf_counter  # (what :meth:`Engine.share` reads: a test may replace it)
 
 
 class Engine:
@@ -263,7 +265,8 @@ class Engine:
         self._nap: asyncio.TimerHandle | None = None
         self._nap_for = _NAP
         self._dozing = False  # slept with the rings' sleep flags set
-        #: Whether this engine shares its core while it works (a server's: see :meth:`share`).
+        #: Whether this engine shares its core while it works (set once its manager
+        #: serves: see :meth:`share`).
         self.share_core = False
         self._yielded = 0.0  # when this engine last gave its core up (a yield)
         loop.add_reader(self._fd, self.kick)
@@ -328,19 +331,17 @@ class Engine:
 
     def share(self) -> None:
         """Let a process waiting for this core run (``sched_yield``), if this engine
-        shares its core and has not given it up for ``SHARE_EVERY``: called on every
-        drive and every send.
+        shares its core and has not yielded for ``SHARE_EVERY`` (a sleep does not
+        count: the first drive after one yields): called on every drive and send.
 
         A busy server keeps its core for a whole scheduler slice, and a client woken
         on that core (its reply is ready) waits, runnable, until the kernel's next tick
         (4 ms at 250 Hz) unless the server gives the core up. A yield with nobody
         waiting returns at once.
         """
-        if self.share_core:
-            now = time.perf_counter()
-            if now - self._yielded > SHARE_EVERY:
-                _sched_yield()
-                self._yielded = time.perf_counter()
+        if self.share_core and _clock() - self._yielded > SHARE_EVERY:
+            _sched_yield()
+            self._yielded = _clock()
 
     def kick(self) -> None:
         """Make sure a drive is queued (called on fd readiness and after posting work)."""
@@ -399,7 +400,7 @@ class Engine:
             # (the peer, or other processes waiting for theirs). Free on an idle core;
             # with more processes than cores, spinners otherwise starve the server.
             _sched_yield()
-            self._yielded = back = time.perf_counter()
+            self._yielded = back = _clock()
             if back - now > CONTENDED_YIELD:
                 # The core went to another process for a while, twice in a short
                 # time: there are more runnable processes than cores. Spinning then
