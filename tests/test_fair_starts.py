@@ -9,11 +9,13 @@ yields lose the core sleeps when idle instead of spinning.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import logging
 import time
 import weakref
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -165,8 +167,10 @@ async def test_a_serving_engine_gives_its_core_up_every_share_interval(
     assert len(yields) == 2
 
 
-async def test_a_server_shares_its_engines_core_and_a_client_does_not() -> None:
-    server = ucxrpc.Server()
+@contextlib.asynccontextmanager
+async def _connected(server: ucxrpc.Server) -> AsyncIterator[tuple[Any, Any, Any]]:
+    """``server`` (given a ``ping`` method) started on one manager, and a client of it
+    on another after one call: ``(client, server's manager, client's manager)``."""
 
     @server.rpc
     async def ping() -> str:
@@ -176,9 +180,13 @@ async def test_a_server_shares_its_engines_core_and_a_client_does_not() -> None:
         await server.start(m1, "127.0.0.1", 0)
         client = await m2.connect("127.0.0.1", server.port)
         assert await client.call("ping") == "pong"
-        assert m1.engine.share_core and not m2.engine.share_core
+        yield client, m1, m2
         await client.close()
-        await server.stop()
+
+
+async def test_a_server_shares_its_engines_core_and_a_client_does_not() -> None:
+    async with _connected(ucxrpc.Server()) as (_, served, connected):
+        assert served.engine.share_core and not connected.engine.share_core
 
 
 async def test_a_drive_is_never_queued_twice(make_engine: Any) -> None:
@@ -390,14 +398,7 @@ async def _steps_per_drive(calls: int, pad: str = "") -> tuple[list[int], int]:
         await gate.wait()
         return i
 
-    @server.rpc
-    async def ping() -> str:
-        return "pong"
-
-    async with ucxrpc.Manager() as m1, ucxrpc.Manager() as m2:
-        await server.start(m1, "127.0.0.1", 0)
-        client = await m2.connect("127.0.0.1", server.port)
-        assert await client.call("ping") == "pong"
+    async with _connected(server) as (client, m1, _):
         assert client.link is not None
         engine = m1.engine
         seen: list[int] = []
@@ -419,7 +420,6 @@ async def _steps_per_drive(calls: int, pad: str = "") -> tuple[list[int], int]:
             gate.set()
         assert await asyncio.gather(*futures) == list(range(calls))
         batches = client.link.outbound.batches - batches
-        await client.close()
     return [b - a for a, b in itertools.pairwise(seen)], batches
 
 
