@@ -361,7 +361,7 @@ class Link:
     def _resume(self) -> None:
         self._resuming = False
         if not self.closed:
-            self._slice_left = DELIVER_SLICE  # the drive's end has a slice of its own
+            self._slice_drive = -1  # the drive's end has a slice of its own
             self._act()
 
     def _part_done(self, token: Any) -> Done:
