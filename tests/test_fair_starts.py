@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,6 +24,7 @@ from conftest import until
 
 import ucxrpc
 from ucxrpc import HealthApi
+from ucxrpc.calls.server import SHARED_START_BUDGET, START_BUDGET
 from ucxrpc.codec import Kind
 from ucxrpc.errors import ConnectionLost
 from ucxrpc.io import engine as engine_module
@@ -442,6 +444,58 @@ async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive
     assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
 
 
+async def test_a_burst_starts_fewer_calls_a_turn_while_another_connection_calls() -> None:
+    """A connection's burst alone starts ``START_BUDGET`` calls a loop iteration (full
+    turns: more calls per second); while another connection calls, the burst starts
+    ``SHARED_START_BUDGET`` a turn, so that the other's next call waits for a shorter
+    turn. Counted by the drive each of the burst's handlers started after: the first
+    two counts are the burst's first call (sent alone) and its arrival (calls started
+    on delivery, then the drive's turn), then one turn a drive."""
+    server = ucxrpc.Server(max_concurrency=None)
+    drives: list[int] = []  # the drive each handler of the burst started after
+    counting: list[Any] = []  # the server's engine, once known
+
+    @server.rpc
+    async def work(i: int) -> int:
+        drives.append(counting[0].drives)
+        return i
+
+    async def burst(client: Any) -> Counter[int]:
+        """How many of the burst's calls started per turn, counted once it arrived."""
+        drives.clear()
+        calls = range(400)
+        assert await asyncio.gather(*(client.call("work", i) for i in calls)) == list(calls)
+        per_drive = Counter(drives)
+        return Counter(per_drive[d] for d in sorted(per_drive)[2:-1])  # (the last: the rest)
+
+    async with _connected(server) as (client, served, _), ucxrpc.Manager() as m3:
+        counting.append(served.engine)
+        alone = await burst(client)
+        assert alone.most_common(1)[0][0] == START_BUDGET and max(alone) == START_BUDGET, alone
+
+        other = await m3.connect("127.0.0.1", server.port)
+        pings = 0
+        stop = False
+
+        async def pinger() -> None:
+            nonlocal pings
+            while not stop:
+                assert await other.call("ping") == "pong"
+                pings += 1
+
+        task = asyncio.ensure_future(pinger())
+        try:
+            await until(lambda: pings >= 3)
+            shared = await burst(client)
+        finally:
+            stop = True
+            await task
+        assert pings > 3  # it called throughout the burst
+        assert shared.most_common(1)[0][0] == SHARED_START_BUDGET < START_BUDGET, shared
+        assert max(shared) <= SHARED_START_BUDGET, shared
+        await other.close()
+
+
 class _InlineEngine:
     """What a Link needs of an engine, with receives that complete at once (a small
     part that arrived whole) and drives run by hand."""
@@ -493,6 +547,32 @@ class _Calls:
 
     def broken(self, error: Any) -> None:
         raise AssertionError(f"broken: {error}")
+
+
+class _SendingEngine(_InlineEngine):
+    """Records a Link's sends and its yields of the core, in order."""
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.events: list[str] = []
+
+    def send(self, ep: Any, buf: Any, tag: int, cb: Any) -> None:
+        self.events.append("send")
+
+    def share(self) -> None:
+        self.events.append("share")
+
+
+async def test_a_send_gives_the_core_up_after_its_frames_left() -> None:
+    """A busy server's yield of its core (``Engine.share``) comes after a send's frames
+    left, so that the peer they wake (often onto this core) reads them during the
+    yield, instead of after it."""
+    engine = _SendingEngine()
+    link, _ = _linked(engine, _Calls())
+    link.connect("ep", 9, bytes(range(16, 32)), 1 << 20)
+    link.send(3, codec.encode(Kind.REPLY, 3, "pong"), done=lambda exc: None)
+    assert engine.events == ["send", "share"]
+    link.close()
 
 
 async def test_a_receive_completing_inside_a_slice_keeps_the_frames_in_order() -> None:

@@ -76,6 +76,32 @@ def test_dropped_and_removed_calls_never_start() -> None:
         StartQueue(0)
 
 
+def test_the_budget_shrinks_while_two_connections_call_and_grows_back_after() -> None:
+    """One connection alone starts ``budget`` calls a turn; once a second one started a
+    call within the last ``recent`` turns, a turn starts ``shared``; ``recent`` turns
+    after the second one's last start, ``budget`` again."""
+    q: StartQueue[str] = StartQueue(4, shared=2, recent=3)
+    for i in range(40):
+        q.offer("burst", i, 1, f"b{i}")
+    assert len(q.turn()) == 4 and q.limit == 4  # alone: the whole budget
+    assert q.offer("ping", 0, 1, "p0")  # another connection's call starts at once ...
+    assert len(q.turn()) == 2 and q.limit == 2  # ... and from the next turn, two a turn
+    assert len(q.turn()) == 2
+    assert len(q.turn()) == 2  # the third turn after the ping's start still counts it
+    assert len(q.turn()) == 4 and q.limit == 4  # then the burst has the budget back
+    # A connection that closed no longer counts.
+    assert q.offer("ping", 1, 1, "p1")
+    assert len(q.turn()) == 2
+    q.discard("ping")
+    assert len(q.turn()) == 4
+
+
+def test_a_budget_or_recent_below_one_is_refused() -> None:
+    for args in ((1, 0, 1), (1, 1, 0)):
+        with pytest.raises(ValueError):
+            StartQueue(*args)
+
+
 def test_a_key_waiting_twice_is_refused() -> None:
     q: StartQueue[str] = StartQueue(1)
     q.offer("a", 0, 1, "a0")
@@ -87,15 +113,23 @@ def test_a_key_waiting_twice_is_refused() -> None:
 class Machine(RuleBasedStateMachine):
     """Arbitrary offers, drops, removals and turns, checked against what the queue
     promises: every call starts at most once and only if not dropped; a turn starts
-    at most its budget, connections in turn, each one's calls by priority then
-    arrival; a connection with nothing waiting starts its first call of a turn."""
+    at most its budget (the shared one while more than one connection started a call
+    in the last ``recent`` turns), connections in turn, each one's calls by priority
+    then arrival; a connection with nothing waiting starts its first call of a turn."""
 
     SOURCES = ("a", "b", "c", "d")
 
     def __init__(self) -> None:
         super().__init__()
         self.budget = 3
-        self.q: StartQueue[tuple[str, int, int, int]] = StartQueue(self.budget)
+        self.shared = 2
+        self.recent = 2
+        self.q: StartQueue[tuple[str, int, int, int]] = StartQueue(
+            self.budget, self.shared, self.recent
+        )
+        self.limit = self.budget
+        self.turns = 0
+        self.last_start: dict[str, int] = {}  # source -> the turn it last started a call
         self.next_key = 0
         self.seq = 0
         # source -> waiting (key, priority, arrival) in the model
@@ -111,15 +145,14 @@ class Machine(RuleBasedStateMachine):
         self.next_key += 1
         self.seq += 1
         had_waiting = bool(self.waiting[source])
-        may_start = not had_waiting and (
-            self.started_now < self.budget or source not in self.served
-        )
+        may_start = not had_waiting and (self.started_now < self.limit or source not in self.served)
         now = self.q.offer(source, key, priority, (source, key, priority, self.seq))
         assert now == may_start
         if now:
             self.started.add(key)
             self.served.add(source)
             self.started_now += 1
+            self.last_start[source] = self.turns
         else:
             self.waiting[source][key] = (priority, self.seq)
 
@@ -143,12 +176,23 @@ class Machine(RuleBasedStateMachine):
         self.gone.update(k for k, _ in expected)
         self.waiting[source].clear()
 
+    @rule(source=st.sampled_from(SOURCES))
+    def discard(self, source: str) -> None:
+        self.q.discard(source)
+        self.gone.update(self.waiting[source])
+        self.waiting[source].clear()
+        self.served.discard(source)
+        self.last_start.pop(source, None)
+
     @rule()
     def turn(self) -> None:
         before = {s: dict(w) for s, w in self.waiting.items() if w}
         items = self.q.turn()
-        assert len(items) <= self.budget
-        assert len(items) == min(self.budget, sum(len(w) for w in before.values()))
+        self.turns += 1
+        calling = [s for s, t in self.last_start.items() if self.turns - t <= self.recent]
+        self.limit = self.budget if len(calling) <= 1 else self.shared
+        assert self.q.limit == self.limit
+        assert len(items) == min(self.limit, sum(len(w) for w in before.values()))
         per_source: dict[str, int] = defaultdict(int)
         for source, key, _priority, _seq in items:
             assert key not in self.started and key not in self.gone
@@ -157,6 +201,7 @@ class Machine(RuleBasedStateMachine):
             assert key == best[0]
             del self.waiting[source][key]
             self.started.add(key)
+            self.last_start[source] = self.turns
             per_source[source] += 1
         # Round robin: no connection gets a second start while another that was
         # waiting (and still has calls) got fewer.

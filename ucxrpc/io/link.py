@@ -663,7 +663,6 @@ class Link:
 
     def _put(self, messages: list[tuple[int, Any]], done: Done | None) -> None:
         engine, ep, out = self.engine, self.ep, self.ring_out
-        engine.share()  # a busy server gives a waiting peer the core now and then
         cb: Done
         ucx_cb: Done
         if done is None:
@@ -696,6 +695,9 @@ class Link:
                 self.pending_sends -= 1
                 self._ucx_pending -= 1
                 raise
+        # A busy server gives a waiting peer the core now and then: after the frames
+        # left, so that the peer they wake (often onto this core) reads them now.
+        engine.share()
 
     def _ucx_sent(self, exc: BaseException | None) -> None:
         self._ucx_pending -= 1

@@ -12,6 +12,12 @@ the calls over it wait here until a later turn:
 * a connection that starts waiting joins the end of the round (going first instead
   would let connections that wait a call or two every turn starve one with a backlog).
 
+The budget shrinks while several connections call: a turn's calls run, one after the
+other, before the loop looks for new frames, so a connection's next call waits for the
+whole turn of another's burst. A connection alone keeps the larger budget (fewer, fuller
+turns: more calls per second), and a second connection that started a call in the last
+:attr:`StartQueue.recent` turns brings it down to :attr:`StartQueue.shared`.
+
 A call of a connection that has nothing waiting starts at once while the turn's budget
 lasts, so an idle server adds nothing to a call's latency; and the first such call of
 a connection in a turn starts at once even when the budget is spent (by other
@@ -23,7 +29,7 @@ per loop iteration while :attr:`StartQueue.busy` is true.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -79,18 +85,33 @@ class StartQueue(Generic[T]):
     """The calls of every connection that wait for a turn to start.
 
     Args:
-        budget: Calls started per turn (loop iteration), over all connections.
+        budget: Calls started per turn (loop iteration), over all connections, while
+            one connection calls.
+        shared: The budget while more than one does (by default ``budget``).
+        recent: Turns for which a connection that started a call counts as calling.
 
     Raises:
-        ValueError: ``budget`` is below 1.
+        ValueError: A budget is below 1, or ``recent`` is.
     """
 
-    def __init__(self, budget: int) -> None:
-        if budget < 1:
+    def __init__(self, budget: int, shared: int | None = None, recent: int = 32) -> None:
+        shared = budget if shared is None else shared
+        if budget < 1 or shared < 1:
             raise ValueError("the budget must be at least 1")
+        if recent < 1:
+            raise ValueError("recent must be at least 1 turn")
         self.budget = budget
+        self.shared = shared
+        self.recent = recent
         #: Calls started in the current turn.
         self.started = 0
+        #: The current turn's budget: :attr:`budget`, or :attr:`shared` while more than
+        #: one connection calls.
+        self.limit = budget
+        self._turns = 0
+        # Connections that started a call lately -> the turn of their last start,
+        # oldest first (so the stale ones are dropped from the front).
+        self._callers: OrderedDict[Hashable, int] = OrderedDict()
         self._served: set[Hashable] = set()  # connections that started a call this turn
         self._waiting: dict[Hashable, _Lanes[T]] = {}
         self._round: deque[Hashable] = deque()  # connections with calls waiting, in turn order
@@ -123,9 +144,10 @@ class StartQueue(Generic[T]):
         lanes = self._waiting.get(source)
         if lanes is None:
             served = self._served
-            if self.started < self.budget or source not in served:
+            if self.started < self.limit or source not in served:
                 self.started += 1
                 served.add(source)
+                self._called(source)
                 return True
             lanes = self._waiting[source] = _Lanes()
             self._round.append(source)
@@ -174,19 +196,26 @@ class StartQueue(Generic[T]):
         start now are returned (connections in turn, one call each per pass).
 
         Returns:
-            The calls to start, in order; at most :attr:`budget`.
+            The calls to start, in order; at most :attr:`limit`.
         """
         self.started = 0
+        self._turns += 1
+        callers = self._callers
+        stale = self._turns - self.recent
+        while callers and next(iter(callers.values())) < stale:
+            callers.popitem(last=False)
+        self.limit = self.budget if len(callers) <= 1 else self.shared
         served = self._served
         served.clear()
         ready: list[T] = []
         round_ = self._round
-        while round_ and self.started < self.budget:
+        while round_ and self.started < self.limit:
             source = round_.popleft()
             lanes = self._waiting[source]
             ready.append(lanes.pop())
             self.started += 1
             served.add(source)
+            self._called(source)
             self._count -= 1
             if lanes.by_key:
                 round_.append(source)
@@ -198,6 +227,12 @@ class StartQueue(Generic[T]):
         """Forget ``source`` altogether (its connection closed): its waiting calls too."""
         self.remove(source)
         self._served.discard(source)
+        self._callers.pop(source, None)
+
+    def _called(self, source: Hashable) -> None:
+        callers = self._callers
+        callers[source] = self._turns
+        callers.move_to_end(source)
 
     def _forget(self, source: Hashable) -> None:
         del self._waiting[source]
