@@ -76,10 +76,10 @@ def test_dropped_and_removed_calls_never_start() -> None:
         StartQueue(0)
 
 
-def test_the_budget_shrinks_while_two_connections_call_and_grows_back_after() -> None:
-    """One connection alone starts ``budget`` calls a turn; once a second one started a
-    call within the last ``recent`` turns, a turn starts ``shared``; ``recent`` turns
-    after the second one's last start, ``budget`` again."""
+def test_the_budget_shrinks_while_calls_start_past_a_burst_and_grows_back_after() -> None:
+    """A burst alone starts ``budget`` calls a turn; once another connection's call
+    started past its waiting calls, a turn starts ``shared`` for the next ``recent``
+    turns, then ``budget`` again."""
     q: StartQueue[str] = StartQueue(4, shared=2, recent=3)
     for i in range(40):
         q.offer("burst", i, 1, f"b{i}")
@@ -89,11 +89,19 @@ def test_the_budget_shrinks_while_two_connections_call_and_grows_back_after() ->
     assert len(q.turn()) == 2
     assert len(q.turn()) == 2  # the third turn after the ping's start still counts it
     assert len(q.turn()) == 4 and q.limit == 4  # then the burst has the budget back
-    # A connection that closed no longer counts.
-    assert q.offer("ping", 1, 1, "p1")
-    assert len(q.turn()) == 2
-    q.discard("ping")
-    assert len(q.turn()) == 4
+
+
+def test_bursts_against_each_other_keep_the_whole_budget() -> None:
+    """Two connections whose calls all wait (two bursts) take turns at the whole
+    budget: shorter turns would only cost calls per second. A call that starts while
+    nothing waits (an idle server) does not shrink it either."""
+    q: StartQueue[str] = StartQueue(4, shared=2, recent=3)
+    assert q.offer("a", 0, 1, "a0")  # nothing waits: not past anyone
+    for i in range(1, 20):
+        q.offer("a", i, 1, f"a{i}")
+        q.offer("b", i, 1, f"b{i}")
+    for _ in range(5):
+        assert len(q.turn()) == 4 and q.limit == 4
 
 
 def test_a_budget_or_recent_below_one_is_refused() -> None:
@@ -113,9 +121,10 @@ def test_a_key_waiting_twice_is_refused() -> None:
 class Machine(RuleBasedStateMachine):
     """Arbitrary offers, drops, removals and turns, checked against what the queue
     promises: every call starts at most once and only if not dropped; a turn starts
-    at most its budget (the shared one while more than one connection started a call
-    in the last ``recent`` turns), connections in turn, each one's calls by priority
-    then arrival; a connection with nothing waiting starts its first call of a turn."""
+    at most its budget (the shared one while, in the last ``recent`` turns, a call
+    started past other connections' waiting calls), connections in turn, each one's
+    calls by priority then arrival; a connection with nothing waiting starts its first
+    call of a turn."""
 
     SOURCES = ("a", "b", "c", "d")
 
@@ -129,7 +138,7 @@ class Machine(RuleBasedStateMachine):
         )
         self.limit = self.budget
         self.turns = 0
-        self.last_start: dict[str, int] = {}  # source -> the turn it last started a call
+        self.passed = -100  # the last turn a call started past others' waiting calls
         self.next_key = 0
         self.seq = 0
         # source -> waiting (key, priority, arrival) in the model
@@ -146,13 +155,15 @@ class Machine(RuleBasedStateMachine):
         self.seq += 1
         had_waiting = bool(self.waiting[source])
         may_start = not had_waiting and (self.started_now < self.limit or source not in self.served)
+        others_wait = any(w for s, w in self.waiting.items() if s != source)
         now = self.q.offer(source, key, priority, (source, key, priority, self.seq))
         assert now == may_start
         if now:
             self.started.add(key)
             self.served.add(source)
             self.started_now += 1
-            self.last_start[source] = self.turns
+            if others_wait:
+                self.passed = self.turns
         else:
             self.waiting[source][key] = (priority, self.seq)
 
@@ -182,15 +193,13 @@ class Machine(RuleBasedStateMachine):
         self.gone.update(self.waiting[source])
         self.waiting[source].clear()
         self.served.discard(source)
-        self.last_start.pop(source, None)
 
     @rule()
     def turn(self) -> None:
         before = {s: dict(w) for s, w in self.waiting.items() if w}
         items = self.q.turn()
         self.turns += 1
-        calling = [s for s, t in self.last_start.items() if self.turns - t <= self.recent]
-        self.limit = self.budget if len(calling) <= 1 else self.shared
+        self.limit = self.shared if self.turns - self.passed <= self.recent else self.budget
         assert self.q.limit == self.limit
         assert len(items) == min(self.limit, sum(len(w) for w in before.values()))
         per_source: dict[str, int] = defaultdict(int)
@@ -201,7 +210,6 @@ class Machine(RuleBasedStateMachine):
             assert key == best[0]
             del self.waiting[source][key]
             self.started.add(key)
-            self.last_start[source] = self.turns
             per_source[source] += 1
         # Round robin: no connection gets a second start while another that was
         # waiting (and still has calls) got fewer.

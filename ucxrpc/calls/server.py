@@ -637,9 +637,10 @@ def _feed_input(
 #: Calls the server starts per loop iteration, over all its connections; more wait for
 #: later iterations, connections taking turns (:class:`~ucxrpc.protocol.starts.StartQueue`).
 START_BUDGET = 8
-#: The same while more than one connection calls: a turn's calls all run before the loop
-#: reads the next frames, so another connection's call waits for the whole turn of a
-#: burst (four calls keep a flooded server's turn to about half a millisecond).
+#: The same while a burst keeps calls waiting and another connection's calls start past
+#: them: a turn's calls all run before the loop reads the next frames, so that other
+#: connection's next call waits for the whole turn (four calls keep a flooded server's
+#: turn to about half a millisecond).
 SHARED_START_BUDGET = 4
 
 #: A call waiting to start: its connection, header, payload, parts and deadline.

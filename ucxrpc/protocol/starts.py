@@ -12,11 +12,14 @@ the calls over it wait here until a later turn:
 * a connection that starts waiting joins the end of the round (going first instead
   would let connections that wait a call or two every turn starve one with a backlog).
 
-The budget shrinks while several connections call: a turn's calls run, one after the
-other, before the loop looks for new frames, so a connection's next call waits for the
-whole turn of another's burst. A connection alone keeps the larger budget (fewer, fuller
-turns: more calls per second), and a second connection that started a call in the last
-:attr:`StartQueue.recent` turns brings it down to :attr:`StartQueue.shared`.
+The budget shrinks while a burst keeps another connection's calls waiting: a turn's
+calls run, one after the other, before the loop looks for new frames, so a connection
+with one call in flight waits, for each of its calls, for the whole turn of another's
+burst. Once such a call (of a connection with nothing waiting, while other connections
+have calls waiting) started in the last :attr:`StartQueue.recent` turns, a turn starts
+:attr:`StartQueue.shared` calls. Otherwise it starts the larger :attr:`StartQueue.budget`
+(fewer, fuller turns: more calls per second): bursts alone, or only against each other,
+gain nothing from shorter turns, since their calls wait in the queue either way.
 
 A call of a connection that has nothing waiting starts at once while the turn's budget
 lasts, so an idle server adds nothing to a call's latency; and the first such call of
@@ -29,7 +32,7 @@ per loop iteration while :attr:`StartQueue.busy` is true.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Hashable
 from typing import Generic, TypeVar
 
@@ -85,10 +88,10 @@ class StartQueue(Generic[T]):
     """The calls of every connection that wait for a turn to start.
 
     Args:
-        budget: Calls started per turn (loop iteration), over all connections, while
-            one connection calls.
-        shared: The budget while more than one does (by default ``budget``).
-        recent: Turns for which a connection that started a call counts as calling.
+        budget: Calls started per turn (loop iteration), over all connections.
+        shared: The budget while calls of connections with nothing waiting start
+            while others wait (by default ``budget``).
+        recent: Turns for which such a start keeps the budget at ``shared``.
 
     Raises:
         ValueError: A budget is below 1, or ``recent`` is.
@@ -105,13 +108,11 @@ class StartQueue(Generic[T]):
         self.recent = recent
         #: Calls started in the current turn.
         self.started = 0
-        #: The current turn's budget: :attr:`budget`, or :attr:`shared` while more than
-        #: one connection calls.
+        #: The current turn's budget: :attr:`budget`, or :attr:`shared` while calls of
+        #: connections with nothing waiting start while others wait.
         self.limit = budget
         self._turns = 0
-        # Connections that started a call lately -> the turn of their last start,
-        # oldest first (so the stale ones are dropped from the front).
-        self._callers: OrderedDict[Hashable, int] = OrderedDict()
+        self._passed = -recent - 1  # the last turn such a call started in
         self._served: set[Hashable] = set()  # connections that started a call this turn
         self._waiting: dict[Hashable, _Lanes[T]] = {}
         self._round: deque[Hashable] = deque()  # connections with calls waiting, in turn order
@@ -147,7 +148,8 @@ class StartQueue(Generic[T]):
             if self.started < self.limit or source not in served:
                 self.started += 1
                 served.add(source)
-                self._called(source)
+                if self._round:  # it went past other connections' waiting calls
+                    self._passed = self._turns
                 return True
             lanes = self._waiting[source] = _Lanes()
             self._round.append(source)
@@ -200,11 +202,7 @@ class StartQueue(Generic[T]):
         """
         self.started = 0
         self._turns += 1
-        callers = self._callers
-        stale = self._turns - self.recent
-        while callers and next(iter(callers.values())) < stale:
-            callers.popitem(last=False)
-        self.limit = self.budget if len(callers) <= 1 else self.shared
+        self.limit = self.shared if self._turns - self._passed <= self.recent else self.budget
         served = self._served
         served.clear()
         ready: list[T] = []
@@ -215,7 +213,6 @@ class StartQueue(Generic[T]):
             ready.append(lanes.pop())
             self.started += 1
             served.add(source)
-            self._called(source)
             self._count -= 1
             if lanes.by_key:
                 round_.append(source)
@@ -227,12 +224,6 @@ class StartQueue(Generic[T]):
         """Forget ``source`` altogether (its connection closed): its waiting calls too."""
         self.remove(source)
         self._served.discard(source)
-        self._callers.pop(source, None)
-
-    def _called(self, source: Hashable) -> None:
-        callers = self._callers
-        callers[source] = self._turns
-        callers.move_to_end(source)
 
     def _forget(self, source: Hashable) -> None:
         del self._waiting[source]
