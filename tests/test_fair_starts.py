@@ -33,6 +33,7 @@ from ucxrpc.io.link import DELIVER_SLICE, Link, key_parts
 from ucxrpc.io.runtime import LOOPBACK_DEVICE
 from ucxrpc.io.ucx import lib
 from ucxrpc.protocol import Budget, Outbound
+from ucxrpc.protocol.starts import StartQueue
 from ucxrpc.wire import codec
 
 pytestmark = pytest.mark.timeout(60)
@@ -444,69 +445,67 @@ async def test_several_batches_in_one_drive_reach_the_server_one_slice_per_drive
     assert max(steps) <= 2 * DELIVER_SLICE + 1, max(steps)
 
 
-async def test_a_burst_starts_fewer_calls_a_turn_while_another_connection_calls() -> None:
+async def test_a_burst_starts_fewer_calls_a_turn_while_another_connection_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A connection's burst alone starts ``START_BUDGET`` calls a loop iteration (full
-    turns: more calls per second); once another connection's call started while the
-    burst's calls waited, the burst starts ``SHARED_START_BUDGET`` a turn, so that the
-    other's next call waits for a shorter turn. Counted by the drive each handler
-    started after (one turn a drive), from the second drive after the burst arrived
-    (the first: calls started on delivery, then the drive's turn), or after the other
-    connection's first call during the burst, to the burst's last drive (the rest)."""
+    turns: more calls per second); while another connection's calls start past the
+    burst's waiting ones, ``SHARED_START_BUDGET``, so that the other's next call waits
+    for a shorter turn. Counted at the server's every turn."""
     server = ucxrpc.Server(max_concurrency=None)
-    drives: list[int] = []  # the drive each handler of the burst started after
-    passed: list[int] = []  # the same for the other connection's calls
-    counting: list[Any] = []  # the server's engine, once known
+    turns: list[tuple[int, int]] = []  # calls each turn of the server started, its limit
+    turn = StartQueue.turn
+
+    def counted(self: StartQueue[Any]) -> list[Any]:
+        started = turn(self)
+        if started:
+            turns.append((len(started), self.limit))
+        return started
+
+    monkeypatch.setattr(StartQueue, "turn", counted)
 
     @server.rpc
     async def work(i: int) -> int:
-        drives.append(counting[0].drives)
         return i
 
-    @server.rpc
-    async def light() -> str:
-        passed.append(counting[0].drives)
-        return "ok"
-
-    async def burst(client: Any) -> Counter[int]:
-        """How many of the burst's calls started per turn."""
-        drives.clear()
-        passed.clear()
+    async def burst(client: Any) -> list[tuple[int, int]]:
+        """The server's turns during a burst: calls started, and the limit."""
+        turns.clear()
         calls = range(400)
         assert await asyncio.gather(*(client.call("work", i) for i in calls)) == list(calls)
-        per_drive = Counter(drives)
-        first = sorted(per_drive)[1]
-        during = [d for d in passed if d >= first]
-        if during:
-            first = during[0]
-        return Counter(n for d, n in sorted(per_drive.items())[:-1] if d > first)
+        return list(turns)
 
-    async with _connected(server) as (client, served, _), ucxrpc.Manager() as m3:
-        counting.append(served.engine)
-        alone = await burst(client)
+    async with _connected(server) as (client, _, _), ucxrpc.Manager() as m3:
+        alone = Counter(n for n, _ in await burst(client))
         assert alone.most_common(1)[0][0] == START_BUDGET and max(alone) == START_BUDGET, alone
 
         other = await m3.connect("127.0.0.1", server.port)
         calls = 0
         stop = False
 
-        async def caller() -> None:
+        async def pinger() -> None:
             nonlocal calls
             while not stop:
-                assert await other.call("light") == "ok"
+                assert await other.call("ping") == "pong"
                 calls += 1
 
-        task = asyncio.ensure_future(caller())
+        task = asyncio.ensure_future(pinger())
         try:
             await until(lambda: calls >= 3)
+            before = calls
             shared = await burst(client)
-            during_burst = len(passed)
+            assert calls > before + 3  # it called throughout the burst
         finally:
             stop = True
             await task
-        assert during_burst > 3  # it called throughout the burst
-        assert shared.most_common(1)[0][0] == SHARED_START_BUDGET < START_BUDGET, shared
-        assert max(shared) <= SHARED_START_BUDGET, shared
-        await other.close()
+            await other.close()
+        # The burst's first turns come before the other's first call passes it; from
+        # then on, every turn is a shared one.
+        limits = [limit for _, limit in shared]
+        first = limits.index(SHARED_START_BUDGET)
+        assert first <= 10 and SHARED_START_BUDGET < START_BUDGET, shared
+        assert all(n <= limit == SHARED_START_BUDGET for n, limit in shared[first:]), shared
+        assert Counter(n for n, _ in shared[first:]).most_common(1)[0][0] == SHARED_START_BUDGET
 
 
 class _InlineEngine:

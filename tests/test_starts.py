@@ -91,6 +91,32 @@ def test_the_budget_shrinks_while_calls_start_past_a_burst_and_grows_back_after(
     assert len(q.turn()) == 4 and q.limit == 4  # then the burst has the budget back
 
 
+def test_a_shared_turn_starts_at_once_only_what_its_limit_leaves() -> None:
+    """During a shared turn a connection with nothing waiting starts its calls at once
+    up to the shared limit (and its first call beyond it), not up to ``budget``."""
+    q: StartQueue[str] = StartQueue(4, shared=2, recent=3)
+    for i in range(5):
+        q.offer("burst", i, 1, f"b{i}")  # four start, one waits
+    assert q.offer("ping", 0, 1, "p0")  # past the burst: the next turns are shared
+    assert q.turn() == ["b4"] and q.limit == 2  # one of the two the turn may start
+    assert q.offer("c", 0, 1, "c0")  # the second
+    assert not q.offer("c", 1, 1, "c1")  # the limit is spent (budget would allow two more)
+    assert q.turn() == ["c1"]
+
+
+def test_an_idle_queue_has_the_whole_budget_again() -> None:
+    """Once nothing waits and a turn started nothing, the shrink is over: a new burst
+    starts the whole budget at once, without waiting out ``recent`` turns."""
+    q: StartQueue[str] = StartQueue(4, shared=2, recent=30)
+    for i in range(6):
+        q.offer("burst", i, 1, f"b{i}")
+    assert q.offer("ping", 0, 1, "p0")  # past the burst
+    assert q.turn() == ["b4", "b5"] and q.limit == 2
+    assert q.turn() == [] and not q.busy  # drained: idle
+    started = [q.offer("next", i, 1, f"n{i}") for i in range(6)]
+    assert started == [True] * 4 + [False] * 2 and q.limit == 4
+
+
 def test_bursts_against_each_other_keep_the_whole_budget() -> None:
     """Two connections whose calls all wait (two bursts) take turns at the whole
     budget: shorter turns would only cost calls per second. A call that starts while
@@ -104,8 +130,8 @@ def test_bursts_against_each_other_keep_the_whole_budget() -> None:
         assert len(q.turn()) == 4 and q.limit == 4
 
 
-def test_a_budget_or_recent_below_one_is_refused() -> None:
-    for args in ((1, 0, 1), (1, 1, 0)):
+def test_a_budget_or_recent_below_one_or_a_shared_budget_above_the_budget_is_refused() -> None:
+    for args in ((0, None, 1), (1, 0, 1), (1, 1, 0), (2, 3, 1)):
         with pytest.raises(ValueError):
             StartQueue(*args)
 
@@ -137,8 +163,7 @@ class Machine(RuleBasedStateMachine):
             self.budget, self.shared, self.recent
         )
         self.limit = self.budget
-        self.turns = 0
-        self.passed = -100  # the last turn a call started past others' waiting calls
+        self.shrunk = 0  # turns left at the shared budget
         self.next_key = 0
         self.seq = 0
         # source -> waiting (key, priority, arrival) in the model
@@ -154,6 +179,8 @@ class Machine(RuleBasedStateMachine):
         self.next_key += 1
         self.seq += 1
         had_waiting = bool(self.waiting[source])
+        if not any(self.waiting.values()) and not self.started_now:
+            self.shrunk, self.limit = 0, self.budget  # idle: the whole budget again
         may_start = not had_waiting and (self.started_now < self.limit or source not in self.served)
         others_wait = any(w for s, w in self.waiting.items() if s != source)
         now = self.q.offer(source, key, priority, (source, key, priority, self.seq))
@@ -163,9 +190,14 @@ class Machine(RuleBasedStateMachine):
             self.served.add(source)
             self.started_now += 1
             if others_wait:
-                self.passed = self.turns
+                self.shrunk = self.recent
         else:
             self.waiting[source][key] = (priority, self.seq)
+
+    @rule(source=st.sampled_from(SOURCES), priority=st.integers(0, 3), n=st.integers(2, 5))
+    def offer_many(self, source: str, priority: int, n: int) -> None:
+        for _ in range(n):
+            self.offer(source, priority)
 
     @rule(data=st.data())
     def drop(self, data: st.DataObject) -> None:
@@ -198,8 +230,8 @@ class Machine(RuleBasedStateMachine):
     def turn(self) -> None:
         before = {s: dict(w) for s, w in self.waiting.items() if w}
         items = self.q.turn()
-        self.turns += 1
-        self.limit = self.shared if self.turns - self.passed <= self.recent else self.budget
+        self.limit = self.shared if self.shrunk else self.budget
+        self.shrunk = max(0, self.shrunk - 1)
         assert self.q.limit == self.limit
         assert len(items) == min(self.limit, sum(len(w) for w in before.values()))
         per_source: dict[str, int] = defaultdict(int)

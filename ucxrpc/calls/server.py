@@ -637,8 +637,8 @@ def _feed_input(
 #: Calls the server starts per loop iteration, over all its connections; more wait for
 #: later iterations, connections taking turns (:class:`~ucxrpc.protocol.starts.StartQueue`).
 START_BUDGET = 8
-#: The same while a burst keeps calls waiting and another connection's calls start past
-#: them: a turn's calls all run before the loop reads the next frames, so that other
+#: The same for 32 turns after another connection's call started past a burst's waiting
+#: calls: a turn's calls all run before the loop reads the next frames, so that other
 #: connection's next call waits for the whole turn (four calls keep a flooded server's
 #: turn to about half a millisecond).
 SHARED_START_BUDGET = 4

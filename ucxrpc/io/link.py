@@ -695,8 +695,9 @@ class Link:
                 self.pending_sends -= 1
                 self._ucx_pending -= 1
                 raise
-        # A busy server gives a waiting peer the core now and then: after the frames
-        # left, so that the peer they wake (often onto this core) reads them now.
+        # A busy server gives a waiting peer the core now and then: once the frames
+        # are handed over, so that the peer they wake (often onto this core) reads
+        # them during the yield.
         engine.share()
 
     def _ucx_sent(self, exc: BaseException | None) -> None:

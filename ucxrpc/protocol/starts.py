@@ -12,14 +12,16 @@ the calls over it wait here until a later turn:
 * a connection that starts waiting joins the end of the round (going first instead
   would let connections that wait a call or two every turn starve one with a backlog).
 
-The budget shrinks while a burst keeps another connection's calls waiting: a turn's
-calls run, one after the other, before the loop looks for new frames, so a connection
-with one call in flight waits, for each of its calls, for the whole turn of another's
-burst. Once such a call (of a connection with nothing waiting, while other connections
-have calls waiting) started in the last :attr:`StartQueue.recent` turns, a turn starts
-:attr:`StartQueue.shared` calls. Otherwise it starts the larger :attr:`StartQueue.budget`
-(fewer, fuller turns: more calls per second): bursts alone, or only against each other,
-gain nothing from shorter turns, since their calls wait in the queue either way.
+The budget shrinks while calls start past a burst: a turn's calls run, one after the
+other, before the loop looks for new frames, so a connection with one call in flight
+waits, for each of its calls, for the whole turn of another's burst. For the
+:attr:`StartQueue.recent` turns after a call of a connection with nothing waiting
+started while other connections had calls waiting, a turn starts
+:attr:`StartQueue.shared` calls; otherwise the larger :attr:`StartQueue.budget` (fewer,
+fuller turns: more calls per second). So a burst alone keeps the budget, and so do
+bursts against each other while each keeps calls waiting; a burst whose queue runs
+empty passes the other's like a ping does, and shrinks it. An idle queue (nothing
+waiting, nothing started since the last turn) has the whole budget again.
 
 A call of a connection that has nothing waiting starts at once while the turn's budget
 lasts, so an idle server adds nothing to a call's latency; and the first such call of
@@ -90,17 +92,20 @@ class StartQueue(Generic[T]):
     Args:
         budget: Calls started per turn (loop iteration), over all connections.
         shared: The budget while calls of connections with nothing waiting start
-            while others wait (by default ``budget``).
+            while others wait (by default ``budget``; at most ``budget``).
         recent: Turns for which such a start keeps the budget at ``shared``.
 
     Raises:
-        ValueError: A budget is below 1, or ``recent`` is.
+        ValueError: A budget is below 1, ``shared`` is above ``budget``, or ``recent``
+            is below 1.
     """
 
     def __init__(self, budget: int, shared: int | None = None, recent: int = 32) -> None:
         shared = budget if shared is None else shared
         if budget < 1 or shared < 1:
             raise ValueError("the budget must be at least 1")
+        if shared > budget:
+            raise ValueError("the shared budget must not exceed the budget")
         if recent < 1:
             raise ValueError("recent must be at least 1 turn")
         self.budget = budget
@@ -111,8 +116,7 @@ class StartQueue(Generic[T]):
         #: The current turn's budget: :attr:`budget`, or :attr:`shared` while calls of
         #: connections with nothing waiting start while others wait.
         self.limit = budget
-        self._turns = 0
-        self._passed = -recent - 1  # the last turn such a call started in
+        self._shrunk = 0  # turns left at the shared budget
         self._served: set[Hashable] = set()  # connections that started a call this turn
         self._waiting: dict[Hashable, _Lanes[T]] = {}
         self._round: deque[Hashable] = deque()  # connections with calls waiting, in turn order
@@ -144,12 +148,18 @@ class StartQueue(Generic[T]):
         """
         lanes = self._waiting.get(source)
         if lanes is None:
+            if not self._count and not self.started:
+                # Idle (no turn ran or is due since): no burst is left to pass.
+                self._shrunk, self.limit = 0, self.budget
             served = self._served
             if self.started < self.limit or source not in served:
                 self.started += 1
                 served.add(source)
-                if self._round:  # it went past other connections' waiting calls
-                    self._passed = self._turns
+                if self._round:
+                    # Past other connections' waiting calls. (Calls wait only once the
+                    # turn's limit is spent, so this is a connection's first call of
+                    # the turn going beyond the limit.)
+                    self._shrunk = self.recent
                 return True
             lanes = self._waiting[source] = _Lanes()
             self._round.append(source)
@@ -201,8 +211,11 @@ class StartQueue(Generic[T]):
             The calls to start, in order; at most :attr:`limit`.
         """
         self.started = 0
-        self._turns += 1
-        self.limit = self.shared if self._turns - self._passed <= self.recent else self.budget
+        if self._shrunk:
+            self._shrunk -= 1
+            self.limit = self.shared
+        else:
+            self.limit = self.budget
         served = self._served
         served.clear()
         ready: list[T] = []
