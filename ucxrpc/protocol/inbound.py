@@ -296,10 +296,11 @@ class Inbound:
                 :class:`Deliver` only (none for 0), reading no more batch frames than
                 that; the rest wait for the next call. Receives and discards are
                 always taken (they change no delivery's order, and a part's sender
-                waits for its receive). A batch carries up to a thousand small frames: handing them
-                all over at once would keep every other connection waiting that long.
-                With more than ``INBOX_LIMIT`` pending (a peer sending faster than it
-                is served), the excess is taken too: what waits stays bounded.
+                waits for its receive). A batch carries up to a thousand small
+                frames: handing them all over at once would keep every other
+                connection waiting that long. With more than ``INBOX_LIMIT`` pending (a
+                peer sending faster than it is served), the excess is taken too: what
+                waits stays bounded.
         """
         if limit is not None and self.pending > INBOX_LIMIT:
             limit += self.pending - INBOX_LIMIT  # the excess too: about a batch at most
