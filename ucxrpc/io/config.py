@@ -47,6 +47,15 @@ class Config(BaseSettings):
         "event while a call awaits its reply (a reply on its way is cheaper to catch "
         "by polling than by waking from the fd)",
     )
+    sched_slice_us: float = Field(
+        100.0,
+        ge=0,
+        le=100_000,
+        description="the scheduler slice (Linux 6.12+) the event loop's thread asks for "
+        "while it sleeps awaiting replies, so a reply's wake-up gets a core at once on a "
+        "busy machine; the kernel's default is back when it sleeps with none awaited "
+        "(0: never ask; the kernel grants 100 at least)",
+    )
     ucx_options: dict[str, str] = Field(
         default_factory=dict,
         description="UCX settings without the UCX_ prefix, e.g. {'TLS': 'tcp'}",

@@ -210,6 +210,7 @@ class Runtime:
                 reply_spin=max(cfg.spin_us, cfg.reply_spin_us) / 1e6,
                 router=self,
                 junk_limit=max(cfg.max_message_size, 256 << 20),
+                sched_slice=cfg.sched_slice_us / 1e6,
             )
         except BaseException:
             self._ctx = self._worker = None  # nothing half made: the next use tries again
