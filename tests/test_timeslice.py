@@ -1,18 +1,23 @@
-"""A short scheduler slice while replies are awaited (``Config.sched_slice_us``).
+"""A short scheduler slice while a reply or two are awaited (``Config.sched_slice_us``).
 
-The hint itself is tested in threads of their own (a thread's slice, nice value and
-policy are its own), the engine's use of it over real UCX: a client awaiting a slow
-reply has the short slice on its loop's thread, and the kernel's default is back once
-no reply has been awaited for ``SLICE_HOLD``.
+Everything runs in threads of its own (a thread's slice, nice value and policy are its
+own, and a thread starts with its creator's): the hint itself, and the engine's use of
+it over real UCX, each scenario on an event loop of its own in a new thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
+import struct
+import subprocess
+import sys
+import textwrap
 import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, TypeVar
 
 import pytest
@@ -39,26 +44,43 @@ def in_thread(func: Callable[[], T]) -> T:
 
     thread = threading.Thread(target=run)
     thread.start()
-    thread.join(10)
+    thread.join(30)
     assert not thread.is_alive(), "the thread did not finish"
     if errors:
         raise errors[0]
     return out[0]
 
 
-def _granted() -> bool:
-    hint = SliceHint(2 * MIN_SLICE_NS)
-    hint.want(True)
-    got = thread_slice_ns()
-    hint.want(False)
-    return got == 2 * MIN_SLICE_NS
+def on_own_loop(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``scenario()`` on a new event loop in a new thread."""
+    return in_thread(lambda: asyncio.run(scenario()))
 
 
-if not (supported() and in_thread(_granted)):
-    pytest.skip(
-        "the kernel grants no custom scheduler slice (Linux 6.12+ on x86-64 or arm64)",
-        allow_module_level=True,
-    )
+def _kernel_refuses() -> str | None:
+    """Why custom slices cannot work here (checked with the raw system calls), or
+    None: Linux 6.12+ on 64-bit x86 or arm lets a thread choose its slice."""
+    release = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    calls = {"x86_64": (314, 315), "aarch64": (274, 275)}.get(os.uname().machine)
+    if not sys.platform.startswith("linux") or calls is None or struct.calcsize("P") != 8:
+        return "custom scheduler slices need Linux on 64-bit x86 or arm"
+    if release < (6, 12):
+        return f"custom scheduler slices need Linux 6.12 (this is {os.uname().release})"
+
+    def probe() -> int:
+        libc = ctypes.CDLL(None, use_errno=True)
+        attr = ctypes.create_string_buffer(48)
+        if libc.syscall(calls[1], 0, attr, ctypes.c_uint(48), ctypes.c_uint(0)) != 0:
+            return ctypes.get_errno()
+        # Write back what was read: no change, but a seccomp filter would refuse it.
+        return 0 if libc.syscall(calls[0], 0, attr, ctypes.c_uint(0)) == 0 else ctypes.get_errno()
+
+    code = in_thread(probe)
+    return f"sched_setattr is refused here: {os.strerror(code)}" if code else None
+
+
+_REFUSED = _kernel_refuses()
+if _REFUSED is not None:
+    pytest.skip(_REFUSED, allow_module_level=True)
 
 
 def test_a_hint_gives_its_thread_the_slice_and_takes_it_back() -> None:
@@ -66,11 +88,12 @@ def test_a_hint_gives_its_thread_the_slice_and_takes_it_back() -> None:
         default = thread_slice_ns()
         hint = SliceHint(3 * MIN_SLICE_NS)
         hint.want(True)
-        hint.want(True)  # no change: no call
+        hint.want(True)  # no change
         short = thread_slice_ns()
         hint.want(False)
         return default, short, hint.short, thread_slice_ns()
 
+    assert supported()
     default, short, still_short, after = in_thread(run)
     assert short == 3 * MIN_SLICE_NS and default != short
     assert not still_short and after == default
@@ -80,16 +103,30 @@ def test_the_thread_keeps_its_nice_value_and_others_keep_their_slice() -> None:
     mine = thread_slice_ns()
 
     def run() -> tuple[Any, ...]:
-        os.setpriority(os.PRIO_PROCESS, 0, 7)  # this thread's (Linux: a tid)
+        os.setpriority(os.PRIO_PROCESS, 0, 7)  # this thread's (on Linux, a tid)
         hint = SliceHint(MIN_SLICE_NS)
         hint.want(True)
         seen = os.getpriority(os.PRIO_PROCESS, 0), thread_slice_ns()
         hint.want(False)
         return seen
 
-    nice, short = in_thread(run)
-    assert (nice, short) == (7, MIN_SLICE_NS)
+    assert in_thread(run) == (7, MIN_SLICE_NS)
     assert thread_slice_ns() == mine
+
+
+def test_threads_started_while_it_is_short_start_with_the_default() -> None:
+    def run() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        hint = SliceHint(MIN_SLICE_NS)
+        hint.want(True)
+        child = in_thread(thread_slice_ns)  # an executor's worker, say
+        short = thread_slice_ns()
+        hint.want(False)
+        return default, short, child
+
+    default, short, child = in_thread(run)
+    assert short == MIN_SLICE_NS
+    assert child == default != short
 
 
 def test_hints_on_one_thread_share_it_until_the_last_gives_it_back() -> None:
@@ -110,27 +147,86 @@ def test_hints_on_one_thread_share_it_until_the_last_gives_it_back() -> None:
     assert none == default != both
 
 
-def test_a_zero_slice_never_asks_and_an_idle_policy_is_left_alone() -> None:
+def test_a_zero_slice_never_asks_and_a_batch_thread_gets_it() -> None:
     def run() -> tuple[Any, ...]:
         default = thread_slice_ns()
         off = SliceHint(0)
         off.want(True)
         unasked = off.short, thread_slice_ns()
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
         hint = SliceHint(MIN_SLICE_NS)
         hint.want(True)
-        idle = os.sched_getscheduler(0), thread_slice_ns()
+        batch = os.sched_getscheduler(0), thread_slice_ns()
         hint.want(False)
-        return default, unasked, idle
+        return default, unasked, batch
 
-    default, unasked, idle = in_thread(run)
+    default, unasked, batch = in_thread(run)
     assert unasked == (False, default)
-    assert idle[0] == os.SCHED_IDLE and idle[1] != MIN_SLICE_NS
+    # (The reset-on-fork flag is set while it is short: see the next test.)
+    assert batch == (os.SCHED_BATCH | os.SCHED_RESET_ON_FORK, MIN_SLICE_NS)
+
+
+def test_the_reset_on_fork_flag_is_kept_and_a_negative_nice_is_left_alone() -> None:
+    def run() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        policy = os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        hint = SliceHint(MIN_SLICE_NS)
+        hint.want(True)
+        short = thread_slice_ns()
+        hint.want(False)
+        kept = os.sched_getscheduler(0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, -1)
+        except PermissionError:
+            return default, short, kept, None
+        hint.want(True)
+        negative = thread_slice_ns()
+        hint.want(False)
+        return default, short, kept, negative
+
+    default, short, kept, negative = in_thread(run)
+    assert short == MIN_SLICE_NS
+    assert kept == os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
+    if negative is None:
+        pytest.skip("lowering a nice value needs privilege (CAP_SYS_NICE)")
+    assert negative == default
+
+
+def test_a_forked_child_can_take_the_slice_again() -> None:
+    # In a process of its own that never starts UCX: it forks while a hint holds the
+    # short slice, and the child's hints start afresh.
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from ucxrpc.io.timeslice import SliceHint, thread_slice_ns
+        default = thread_slice_ns()
+        held = SliceHint(100_000)
+        held.want(True)
+        pid = os.fork()
+        if pid == 0:
+            seen = [thread_slice_ns()]
+            mine = SliceHint(200_000)
+            mine.want(True)
+            seen.append(thread_slice_ns())
+            mine.want(False)
+            seen.append(thread_slice_ns())
+            print(default, *seen, flush=True)
+            os._exit(0)
+        os.waitpid(pid, 0)
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    default, at_fork, taken, given_back = (int(x) for x in out.stdout.split())
+    assert at_fork == default  # reset at the fork
+    assert taken == 200_000 and given_back == default
 
 
 class Napper:
     """A server whose ``nap()`` waits until released, on one manager, and a client of
-    it on another (configured with ``config``), both on this loop's thread."""
+    it on another (configured with ``config``), both on the running loop's thread."""
 
     def __init__(self) -> None:
         self.server = ucxrpc.Server()
@@ -151,47 +247,108 @@ class Napper:
             yield client, m2.engine
             await client.close()
 
-    async def slice_during(self, client: ucxrpc.Client, engine: Any, calls: int) -> int | None:
-        """The loop thread's slice while ``calls`` naps are awaited (after the client's
-        engine has driven twice with all of them sent and started)."""
+    async def slice_during(
+        self, client: ucxrpc.Client, engine: Any, calls: int, hold: float = 0.0
+    ) -> int | None:
+        """The loop thread's slice while ``calls`` naps are awaited, read after the
+        client's engine has driven with all of them sent and started, and ``hold``
+        seconds later."""
         self.started = 0
         self.release.clear()
         naps = [asyncio.ensure_future(client.call("nap")) for _ in range(calls)]
         await until(lambda: self.started == calls)
-        drives = engine.drives
-        await until(lambda: engine.drives >= drives + 2)
+        engine.kick()  # a drive of the client's engine runs before this task goes on
+        await asyncio.sleep(0)
+        if hold:
+            await asyncio.sleep(hold)
         seen = thread_slice_ns()
         self.release.set()
         assert await asyncio.gather(*naps) == ["rested"] * calls
         return seen
 
 
-async def test_a_client_awaiting_a_reply_has_the_short_slice_until_it_is_idle(
+@pytest.fixture
+def short_hold(monkeypatch: pytest.MonkeyPatch) -> float:
+    monkeypatch.setattr(engine_module, "SLICE_HOLD", 0.2)
+    return 0.2
+
+
+def test_a_client_awaiting_a_reply_has_the_short_slice_until_it_is_idle(
+    short_hold: float,
+) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        napper = Napper()
+        async with napper.client() as (client, engine):
+            during = await napper.slice_during(client, engine, 1)
+            # Given back once no reply has been awaited for SLICE_HOLD.
+            t0 = time.monotonic()
+            await until(lambda: thread_slice_ns() == default, timeout=5)
+            waited = time.monotonic() - t0
+        return default, during, waited, thread_slice_ns()
+
+    default, during, waited, after = on_own_loop(scenario)
+    assert during == MIN_SLICE_NS  # the default, 100 µs
+    assert waited < 5 * short_hold
+    assert after == default
+
+
+def test_a_reply_awaited_longer_than_the_hold_keeps_it_without_spinning(
+    short_hold: float,
+) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        napper = Napper()
+        async with napper.client() as (client, engine):
+            cpu = time.thread_time()
+            during = await napper.slice_during(client, engine, 1, hold=4 * short_hold)
+            return during, time.thread_time() - cpu
+
+    during, cpu = on_own_loop(scenario)
+    assert during == MIN_SLICE_NS
+    # Asleep, but for the reply spin and a timer per hold (a timer rescheduled with no
+    # delay would spin the loop for the whole 0.8 s).
+    assert cpu < 2 * short_hold
+
+
+def test_polling_mode_gives_it_back_too(short_hold: float) -> None:
+    async def scenario() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        napper = Napper()
+        async with napper.client(progress_mode="polling") as (client, engine):
+            during = await napper.slice_during(client, engine, 1)
+            await until(lambda: thread_slice_ns() == default, timeout=5)
+        return default, during
+
+    default, during = on_own_loop(scenario)
+    assert during == MIN_SLICE_NS != default
+
+
+def test_no_short_slice_when_turned_off_or_with_many_replies_awaited(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(engine_module, "SLICE_HOLD", 0.2)
-    default = thread_slice_ns()
-    napper = Napper()
-    async with napper.client() as (client, engine):
-        assert await napper.slice_during(client, engine, 1) == MIN_SLICE_NS  # 100 µs
-        # Given back once no reply has been awaited for SLICE_HOLD (the engine sleeps).
-        await until(lambda: thread_slice_ns() == default, timeout=5)
-    assert thread_slice_ns() == default
+    # Long enough that the last call surely comes within it of the busy ones.
+    monkeypatch.setattr(engine_module, "SLICE_HOLD", 2.0)
 
+    async def scenario() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        seen: list[int | None] = []
+        napper = Napper()
+        async with napper.client(sched_slice_us=0) as (client, engine):
+            seen.append(await napper.slice_during(client, engine, 1))
+        napper = Napper()
+        async with napper.client(sched_slice_us=300) as (client, engine):
+            seen.append(await napper.slice_during(client, engine, 1))
+        napper = Napper()
+        async with napper.client() as (client, engine):
+            seen.append(await napper.slice_during(client, engine, 1))
+            busy = engine_module.SLICE_AWAITING + 6
+            seen.append(await napper.slice_during(client, engine, busy))  # given back
+            seen.append(await napper.slice_during(client, engine, 1))  # not yet again
+        return default, seen, thread_slice_ns()
 
-async def test_no_short_slice_when_turned_off_or_with_many_replies_awaited() -> None:
-    default = thread_slice_ns()
-    napper = Napper()
-    async with napper.client(sched_slice_us=0) as (client, engine):
-        assert await napper.slice_during(client, engine, 1) == default
-    napper = Napper()
-    async with napper.client(sched_slice_us=300) as (client, engine):
-        assert await napper.slice_during(client, engine, 1) == 3 * MIN_SLICE_NS
-    napper = Napper()
-    async with napper.client() as (client, engine):
-        busy = engine_module.SLICE_AWAITING + 6
-        assert await napper.slice_during(client, engine, busy) == default
-    assert thread_slice_ns() == default  # shutdown gives it back
+    default, seen, after = on_own_loop(scenario)
+    assert seen == [default, 3 * MIN_SLICE_NS, MIN_SLICE_NS, default, default]
+    assert after == default  # shutdown gives it back
 
 
 def test_the_setting_is_validated() -> None:

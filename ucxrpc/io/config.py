@@ -52,9 +52,10 @@ class Config(BaseSettings):
         ge=0,
         le=100_000,
         description="the scheduler slice (Linux 6.12+) the event loop's thread asks for "
-        "while it sleeps awaiting replies, so a reply's wake-up gets a core at once on a "
-        "busy machine; the kernel's default is back when it sleeps with none awaited "
-        "(0: never ask; the kernel grants 100 at least)",
+        "while one or two replies (or messages) are awaited and no more were in the last "
+        "second, so that on a busy machine a reply's wake-up can displace a busy process "
+        "at once; the kernel's default is back a second after the last such wait, or as "
+        "soon as more are awaited (0: never ask; the kernel grants 100 at least)",
     )
     ucx_options: dict[str, str] = Field(
         default_factory=dict,

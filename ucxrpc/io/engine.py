@@ -9,10 +9,11 @@ the low-level worker and keeps three promises:
   (``arm()`` returning False means events are pending: poll again first);
 * the fd callback only *schedules* a drive; at most one drive is ever queued.
 
-While replies are awaited it asks the kernel for a short scheduler slice for its
-thread (``sched_slice``, see :mod:`.timeslice`), so on a busy machine a reply's wake-up
-gets a core at once; it gives the slice back once none has been awaited for
-``SLICE_HOLD``.
+While one or two replies are awaited (and no more were for ``SLICE_HOLD``) it asks the
+kernel for a short scheduler slice for its thread (``sched_slice``, see
+:mod:`.timeslice`), so that on a busy machine a reply's wake-up can displace a busy
+process at once; it gives the slice back once none has been awaited for
+``SLICE_HOLD``, or as soon as more are.
 
 Nothing is received blindly. Every arriving message is found by a probe that reports
 its tag and length and removes it from UCX's queue: frames (tag bit 63 clear) are
@@ -223,7 +224,7 @@ class Engine:
             delivers start after it, so a long drive keeps every other connection's
             next call waiting while a peer floods.
         sched_slice: Seconds of scheduler slice the loop's thread asks for while
-            replies are awaited (0: never ask).
+            one or two replies are awaited (0: never ask).
     """
 
     def __init__(
@@ -346,14 +347,18 @@ class Engine:
 
     def _slice_idle(self) -> None:
         # The thread may do other work now: give the short slice back once no reply
-        # has been awaited for SLICE_HOLD (a short gap between calls keeps it).
+        # has been awaited for SLICE_HOLD (a short gap between calls keeps it). A reply
+        # still awaited counts as awaited now: the engine may be asleep, not driving.
         self._slice_timer = None
-        if self._closed:
+        if self._closed or not self._slice.short:
             return
-        left = self._awaited + SLICE_HOLD - time.perf_counter()
-        if self._slice.short and (0 < self.awaiting <= SLICE_AWAITING or left > 0):
-            self._slice_timer = self._loop.call_later(max(left, 0.0), self._slice_idle)
-        elif self._slice.short:
+        now = time.perf_counter()
+        if 0 < self.awaiting <= SLICE_AWAITING:
+            self._awaited = now
+        left = self._awaited + SLICE_HOLD - now
+        if left > 0:
+            self._slice_timer = self._loop.call_later(left, self._slice_idle)
+        else:
             self._slice.want(False)
 
     def after_drive(self, callback: Callable[[], None]) -> None:
@@ -401,7 +406,7 @@ class Engine:
             active = True
         now = time.perf_counter()
         awaiting = self.awaiting
-        if awaiting:
+        if awaiting and self._slice.slice_ns:
             if awaiting > SLICE_AWAITING:
                 self._crowded = now
                 if self._slice.short:
@@ -412,6 +417,8 @@ class Engine:
                 self._awaited = now
                 if not self._slice.short:
                     self._slice.want(True)
+                    if self._slice_timer is None:
+                        self._slice_timer = self._loop.call_later(SLICE_HOLD, self._slice_idle)
         if active:
             self._last_event = now
             if self._nap is not None or self._nap_for != _NAP:
@@ -431,8 +438,6 @@ class Engine:
             try:
                 if all([ring.doze() for ring in rings]) and self._worker.arm():
                     self.sleeps += 1
-                    if self._slice.short and self._slice_timer is None:
-                        self._slice_timer = self._loop.call_later(SLICE_HOLD, self._slice_idle)
                     self._dozing = bool(rings)
                     if rings and self._nap is None:
                         # Belt and braces (writers fence, then wake us): look at the

@@ -1,25 +1,37 @@
-"""A short scheduler slice for the event loop's thread while it sleeps awaiting replies.
+"""A short scheduler slice for the event loop's thread while it waits on a reply or two.
 
 On a busy machine a process woken by a reply (its frame landed, its eventfd rang)
 still has to get a core. Linux's scheduler (EEVDF, 6.6 and later) runs a woken thread
 at once only if its virtual deadline, roughly its virtual runtime plus its *slice*,
 comes before that of the thread it would displace. With the default slice (the
-kernel's base slice scaled by the core count: 1.4 ms on a two-core machine) a client
-woken by its reply waits behind a flooded server, or behind another client, often until
-the next tick.
-Since 6.12 a thread may ask for a shorter slice of its own (``sched_setattr`` with
-``sched_runtime``, clamped to 0.1 to 100 ms). That changes how soon it runs once
-runnable, not its share of the CPU (its weight, from its nice value, is unchanged).
+kernel's base slice scaled by the core count: 1.4 ms on a two-core machine with
+Linux 6.18) a client woken by its reply waits behind a flooded server, or behind
+another client, often until the next tick. Since 6.12 a thread may ask for a shorter
+slice of its own (``sched_setattr`` with ``sched_runtime``, clamped to 0.1 to 100 ms).
+That changes how soon it runs once runnable, not its share of the CPU (its weight,
+from its nice value, is unchanged).
 
-So an engine asks for a short slice (``Config.sched_slice_us``) when it goes to sleep
-with replies awaited, and gives it back when it goes to sleep with none: what the
-slice affects is the wake-up, and a thread that does other work between calls keeps
-the kernel's default for it. The request is one system call, made only when the
-choice changes. Threads under a real-time or idle policy are left alone, as is
-everything on other systems, kernels without the call or where it is refused: the
-hint is then a no-op, never an error.
+The engine decides when (``Config.sched_slice_us``; see :class:`~.engine.Engine`):
+while one or two replies are awaited it wants the short slice, and it gives it back
+once none has been for a second or as soon as more are. This module only does what
+it is asked, for the calling thread, with two system calls (read, then write) per
+change and none when nothing changes:
 
-Pure OS bookkeeping for the calling thread; no UCX, no asyncio.
+* the thread keeps its policy, nice value and priority, and the kernel's
+  reset-on-fork flag is set while it is short, so threads and processes it starts
+  then (an executor's worker threads) start with the kernel's default slice instead
+  of inheriting the short one. An unprivileged thread cannot clear that flag again:
+  it stays set, which changes nothing else for a thread of a fair policy with a
+  nice value of 0 or more;
+* threads under a real-time, deadline or idle policy, or with a negative nice value
+  (which that flag would reset in their children), are left alone;
+* so is everything on other systems (only Linux on 64-bit x86 and arm), and after a
+  refusal (``EPERM`` under a seccomp filter, for one) no thread asks again, though
+  one that holds the short slice still gives it back. A kernel older than 6.12
+  accepts the call and ignores the slice.
+
+What it gives back is the kernel's default: a slice the thread had chosen itself is
+not restored. Pure OS bookkeeping; no UCX, no asyncio.
 """
 
 from __future__ import annotations
@@ -47,21 +59,23 @@ _CALLS: Final = {"x86_64": (314, 315), "aarch64": (274, 275)}
 _ATTR: Final = struct.Struct("=IIQiIQQQ")
 # SCHED_OTHER and SCHED_BATCH: the fair policies whose slice a thread may choose.
 _FAIR: Final = (0, 3)
+_RESET_ON_FORK: Final = 0x01  # SCHED_FLAG_RESET_ON_FORK
 
 
 def _syscalls() -> tuple[int, int] | None:
-    if not sys.platform.startswith("linux"):
+    # A 32-bit process on a 64-bit kernel has other numbers for these calls.
+    if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
         return None
     return _CALLS.get(os.uname().machine)
 
 
 _NR = _syscalls()
 _libc: ctypes.CDLL | None = None
-_refused = False  # a call failed once: never try again in this process
+_refused = False  # a request was refused once: never ask again in this process
 
 
 def supported() -> bool:
-    """Whether this system has the calls (Linux on x86-64 or arm64), and they have not
+    """Whether this system has the calls (Linux on 64-bit x86 or arm) and they have not
     been refused. A kernel older than 6.12 accepts them but ignores the slice."""
     return _NR is not None and not _refused
 
@@ -75,53 +89,63 @@ def _call(nr: int, *args: object) -> None:
         raise OSError(code, os.strerror(code))
 
 
-def _get() -> tuple[int, int, int, int]:
-    """The calling thread's policy, nice, priority and slice (``sched_runtime``)."""
+def _get() -> tuple[int, ...]:
+    """The calling thread's ``struct sched_attr`` (its first eight fields)."""
     assert _NR is not None
     buf = ctypes.create_string_buffer(_ATTR.size)
     _call(_NR[1], 0, buf, ctypes.c_uint(_ATTR.size), ctypes.c_uint(0))
-    _, policy, _, nice, priority, runtime, _, _ = _ATTR.unpack(buf.raw)
-    return policy, nice, priority, runtime
+    return _ATTR.unpack(buf.raw)
 
 
 def thread_slice_ns() -> int | None:
     """The calling thread's scheduler slice in nanoseconds, or None where it cannot be
     read (the kernel reports its default slice unless the thread chose one)."""
-    if not supported():
+    if _NR is None:
         return None
     try:
-        return _get()[3]
+        return int(_get()[5])
     except OSError:
         return None
 
 
-def _set(slice_ns: int) -> None:
+def _set(slice_ns: int) -> bool:
     """Give the calling thread a slice of ``slice_ns`` (0: the kernel's default),
-    keeping its policy, nice value and priority."""
+    keeping its policy, nice value and priority; False if it was left alone."""
     global _refused
-    if not supported():
-        return
-    assert _NR is not None
+    if _NR is None or (_refused and slice_ns):
+        return False
     try:
-        policy, nice, priority, _ = _get()
-        if policy not in _FAIR:
-            return
+        _, policy, flags, nice, priority, _, _, _ = _get()
+        if policy not in _FAIR or nice < 0:
+            return False
+        flags = (flags & _RESET_ON_FORK) | (_RESET_ON_FORK if slice_ns else 0)
         attr = ctypes.create_string_buffer(
-            _ATTR.pack(_ATTR.size, policy, 0, nice, priority, slice_ns, 0, 0), _ATTR.size
+            _ATTR.pack(_ATTR.size, policy, flags, nice, priority, slice_ns, 0, 0), _ATTR.size
         )
         _call(_NR[0], 0, attr, ctypes.c_uint(0))
     except OSError as exc:
         _refused = True
         level = logging.DEBUG if exc.errno in (errno.ENOSYS, errno.EPERM) else logging.INFO
         log.log(level, "ucxrpc: scheduler slice hints are off: sched_setattr: %s", exc)
+        return False
+    return True
 
 
 class _Holders(threading.local):
     count = 0  # hints of this thread that want the short slice
-    slice_ns = 0  # what the first of them asked for
 
 
 _holders = _Holders()
+
+
+def _forked() -> None:
+    # A forked child has only the thread that forked, and that thread's slice was
+    # reset by the fork (reset-on-fork): none of its parent's hints holds it now.
+    _holders.count = 0
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 class SliceHint:
@@ -136,11 +160,16 @@ class SliceHint:
             kernel grants that).
     """
 
-    __slots__ = ("_short", "slice_ns")
+    __slots__ = ("_short", "_slice_ns")
 
     def __init__(self, slice_ns: int) -> None:
-        self.slice_ns = max(0, slice_ns)
+        self._slice_ns = max(0, slice_ns)
         self._short = False
+
+    @property
+    def slice_ns(self) -> int:
+        """The slice this hint asks for (0: it never asks)."""
+        return self._slice_ns
 
     @property
     def short(self) -> bool:
@@ -148,18 +177,17 @@ class SliceHint:
         return self._short
 
     def want(self, short: bool) -> None:
-        """Want the short slice (``True``) or the kernel's default (``False``); a system
-        call only when the thread's choice changes."""
-        if short == self._short or not self.slice_ns:
+        """Want the short slice (``True``) or the kernel's default (``False``); system
+        calls only when the thread's choice changes."""
+        if short == self._short or not self._slice_ns:
             return
         self._short = short
         holders = _holders
         if short:
             holders.count += 1
             if holders.count == 1:
-                holders.slice_ns = self.slice_ns
-                _set(self.slice_ns)
-        elif holders.count > 0:  # (0: wanted on another thread; nothing to give back here)
+                _set(self._slice_ns)
+        elif holders.count > 0:  # (0: wanted before a fork; nothing to give back here)
             holders.count -= 1
             if holders.count == 0:
                 _set(0)
