@@ -14,7 +14,8 @@ devices a setting leaves, and where each setting came from.
 The script runs 200 calls under each of three settings and prints their p50 latency:
 the defaults (every transport: shared memory between the two workers), keyword
 arguments (``TLS=tcp,self,sm``, loopback only, ``progress_mode="polling"``) and
-environment variables (``TLS=tcp``, ``progress_mode=efficient``). Then it shows that
+environment variables (``TLS=tcp``, ``progress_mode=efficient``, and no short
+scheduler slice while a reply is awaited: ``sched_slice_us=0``). Then it shows that
 UCX refuses an option it does not know when the manager starts.
 
 Runtime: ``ucxrpc.run`` runs the program on uvloop (a faster asyncio event loop), and
@@ -100,7 +101,11 @@ async def main() -> None:
             ucx_options={"TLS": "tcp,self,sm", "NET_DEVICES": "lo"}, progress_mode="polling"
         ),
     }
-    with environment(UCXRPC_UCX_OPTIONS='{"TLS": "tcp"}', UCXRPC_PROGRESS_MODE="efficient"):
+    with environment(
+        UCXRPC_UCX_OPTIONS='{"TLS": "tcp"}',
+        UCXRPC_PROGRESS_MODE="efficient",
+        UCXRPC_SCHED_SLICE_US="0",
+    ):
         settings["environment"] = ucxrpc.Config()  # reads the UCXRPC_* variables
     # --8<-- [end:settings]
 
@@ -108,7 +113,7 @@ async def main() -> None:
         micros = await p50_latency(config)
         print(
             f"{label}: progress_mode={config.progress_mode} ucx_options={config.ucx_options} "
-            f"-> p50 {micros:.1f} us over {CALLS} calls"
+            f"sched_slice_us={config.sched_slice_us:g} -> p50 {micros:.1f} us over {CALLS} calls"
         )
 
     prefixed = ucxrpc.Config(ucx_options={"UCX_TLS": "tcp"})

@@ -292,15 +292,16 @@ def test_ucx_tuning() -> None:
     assert len(lines) == 7, lines
     assert lines[0] == "event loop: uvloop.Loop"
     settings = match_each(
-        r"(\w+): progress_mode=(\w+) ucx_options=(\{.*\}) -> p50 (\d+\.\d) us over 200 calls",
+        r"(\w+): progress_mode=(\w+) ucx_options=(\{.*\}) sched_slice_us=(\d+) "
+        r"-> p50 (\d+\.\d) us over 200 calls",
         lines[1:4],
     )
-    assert [(m[1], m[2], m[3]) for m in settings] == [
-        ("defaults", "blocking", "{}"),
-        ("keywords", "polling", "{'TLS': 'tcp,self,sm', 'NET_DEVICES': 'lo'}"),
-        ("environment", "efficient", "{'TLS': 'tcp'}"),
+    assert [(m[1], m[2], m[3], m[4]) for m in settings] == [
+        ("defaults", "blocking", "{}", "100"),
+        ("keywords", "polling", "{'TLS': 'tcp,self,sm', 'NET_DEVICES': 'lo'}", "100"),
+        ("environment", "efficient", "{'TLS': 'tcp'}", "0"),
     ]
-    assert all(float(m[4]) > 0 for m in settings)
+    assert all(float(m[5]) > 0 for m in settings)
     assert lines[4] == "UCX_ prefixes are dropped: {'UCX_TLS': 'tcp'} -> {'TLS': 'tcp'}"
     match_each(
         r"plain handlers run in the thread pool: ucxrpc-handler_\d+; async ones on the "
