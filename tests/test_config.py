@@ -31,3 +31,12 @@ def test_overrides_and_validation() -> None:
         Config(progress_mode="turbo")
     with pytest.raises(ValidationError):
         Config(bogus=1)  # type: ignore[call-arg]
+
+
+def test_the_scheduler_slice_setting_is_validated() -> None:
+    assert Config().sched_slice_us == 100.0
+    assert Config(sched_slice_us=0).sched_slice_us == 0
+    with pytest.raises(ValueError):
+        Config(sched_slice_us=-1)
+    with pytest.raises(ValueError):
+        Config(sched_slice_us=200_000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import os
 import struct
 import subprocess
@@ -25,6 +26,7 @@ from conftest import until
 
 import ucxrpc
 from ucxrpc.io import engine as engine_module
+from ucxrpc.io import timeslice
 from ucxrpc.io.timeslice import MIN_SLICE_NS, SliceHint, supported, thread_slice_ns
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,7 +77,12 @@ def _kernel_refuses() -> str | None:
         return 0 if libc.syscall(calls[0], 0, attr, ctypes.c_uint(0)) == 0 else ctypes.get_errno()
 
     code = in_thread(probe)
-    return f"sched_setattr is refused here: {os.strerror(code)}" if code else None
+    if code:
+        return f"sched_setattr is refused here: {os.strerror(code)}"
+    policy = os.sched_getscheduler(0) & ~os.SCHED_RESET_ON_FORK
+    if policy not in (os.SCHED_OTHER, os.SCHED_BATCH) or os.getpriority(os.PRIO_PROCESS, 0) < 0:
+        return "the tests run under a policy or nice value whose threads are left alone"
+    return None
 
 
 _REFUSED = _kernel_refuses()
@@ -193,6 +200,45 @@ def test_the_reset_on_fork_flag_is_kept_and_a_negative_nice_is_left_alone() -> N
     assert negative == default
 
 
+def test_a_refusal_never_strands_a_thread_that_has_the_slice(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A seccomp filter refusing sched_setattr, for one thread only: the other, which
+    # holds the short slice, still gives it back, and nobody asks again.
+    monkeypatch.setattr(timeslice, "_refused", False)  # and so back to False after
+    denied: set[int] = set()
+    real = timeslice._call
+
+    def call(nr: int, *args: object) -> None:
+        if threading.get_ident() in denied and nr != timeslice._CALLS[os.uname().machine][1]:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        real(nr, *args)
+
+    monkeypatch.setattr(timeslice, "_call", call)
+
+    def refused() -> bool:
+        denied.add(threading.get_ident())
+        SliceHint(MIN_SLICE_NS).want(True)
+        return supported()
+
+    def run() -> tuple[Any, ...]:
+        default = thread_slice_ns()
+        held = SliceHint(MIN_SLICE_NS)
+        held.want(True)
+        short = thread_slice_ns()
+        still = in_thread(refused)
+        held.want(False)
+        back = thread_slice_ns()
+        held.want(True)  # not asked again
+        again = thread_slice_ns()
+        held.want(False)
+        return default, short, still, back, again
+
+    default, short, still, back, again = in_thread(run)
+    assert short == MIN_SLICE_NS and not still
+    assert back == again == default
+
+
 def test_a_forked_child_can_take_the_slice_again() -> None:
     # In a process of its own that never starts UCX: it forks while a hint holds the
     # short slice, and the child's hints start afresh.
@@ -307,9 +353,9 @@ def test_a_reply_awaited_longer_than_the_hold_keeps_it_without_spinning(
 
     during, cpu = on_own_loop(scenario)
     assert during == MIN_SLICE_NS
-    # Asleep, but for the reply spin and a timer per hold (a timer rescheduled with no
-    # delay would spin the loop for the whole 0.8 s).
-    assert cpu < 2 * short_hold
+    # Asleep, but for the reply spin and a timer per hold: 6 ms of CPU here, where a
+    # timer rescheduled with no delay spun the loop for 0.6 s of the 0.8.
+    assert cpu < short_hold / 2
 
 
 def test_polling_mode_gives_it_back_too(short_hold: float) -> None:
@@ -350,12 +396,5 @@ def test_no_short_slice_when_turned_off_or_with_many_replies_awaited(
 
     default, seen, after = on_own_loop(scenario)
     assert seen == [default, 3 * MIN_SLICE_NS, MIN_SLICE_NS, default, default]
-    assert after == default  # shutdown gives it back
-
-
-def test_the_setting_is_validated() -> None:
-    assert ucxrpc.Config().sched_slice_us == 100.0
-    with pytest.raises(ValueError):
-        ucxrpc.Config(sched_slice_us=-1)
-    with pytest.raises(ValueError):
-        ucxrpc.Config(sched_slice_us=200_000)
+    # (seen[2] is 100 µs: the 300 µs client's shutdown gave its slice back.)
+    assert after == default

@@ -357,7 +357,9 @@ class Engine:
             self._awaited = now
         left = self._awaited + SLICE_HOLD - now
         if left > 0:
-            self._slice_timer = self._loop.call_later(left, self._slice_idle)
+            # (uvloop runs a timer under 0.5 ms at once, and libuv's may fire a little
+            # early: at least 1 ms, or this would spin through the last of the hold.)
+            self._slice_timer = self._loop.call_later(max(left, 1e-3), self._slice_idle)
         else:
             self._slice.want(False)
 

@@ -12,23 +12,23 @@ That changes how soon it runs once runnable, not its share of the CPU (its weigh
 from its nice value, is unchanged).
 
 The engine decides when (``Config.sched_slice_us``; see :class:`~.engine.Engine`):
-while one or two replies are awaited it wants the short slice, and it gives it back
-once none has been for a second or as soon as more are. This module only does what
-it is asked, for the calling thread, with two system calls (read, then write) per
-change and none when nothing changes:
+while one or two replies are awaited, and no more were in the last second, it wants
+the short slice, and it gives it back once none has been awaited for a second or as
+soon as more are. This module only does what it is asked, for the calling thread,
+with two system calls (read, then write) per change and none when nothing changes:
 
-* the thread keeps its policy, nice value and priority, and the kernel's
-  reset-on-fork flag is set while it is short, so threads and processes it starts
-  then (an executor's worker threads) start with the kernel's default slice instead
-  of inheriting the short one. An unprivileged thread cannot clear that flag again:
-  it stays set, which changes nothing else for a thread of a fair policy with a
-  nice value of 0 or more;
+* the thread keeps its policy, nice value and priority. While it is short, the
+  kernel's reset-on-fork flag is set too, so threads and processes it starts then (an
+  executor's worker threads) start with the kernel's default slice instead of
+  inheriting the short one; ``os.sched_getscheduler`` then shows the flag. Giving the
+  slice back restores the thread's own flag, except that an unprivileged thread may
+  not clear it: it keeps it, and a later change of its policy must then keep it too;
 * threads under a real-time, deadline or idle policy, or with a negative nice value
   (which that flag would reset in their children), are left alone;
-* so is everything on other systems (only Linux on 64-bit x86 and arm), and after a
-  refusal (``EPERM`` under a seccomp filter, for one) no thread asks again, though
-  one that holds the short slice still gives it back. A kernel older than 6.12
-  accepts the call and ignores the slice.
+* so is everything on other systems (only Linux 6.12 and later on 64-bit x86 and
+  arm: older kernels ignore the slice), and after a refusal (``EPERM`` under a seccomp
+  filter, for one) no thread asks again, though one that has the short slice still
+  gives it back.
 
 What it gives back is the kernel's default: a slice the thread had chosen itself is
 not restored. Pure OS bookkeeping; no UCX, no asyncio.
@@ -63,8 +63,15 @@ _RESET_ON_FORK: Final = 0x01  # SCHED_FLAG_RESET_ON_FORK
 
 
 def _syscalls() -> tuple[int, int] | None:
-    # A 32-bit process on a 64-bit kernel has other numbers for these calls.
+    # A 32-bit process on a 64-bit kernel has other numbers for these calls; a kernel
+    # before 6.12 ignores the slice (and the flags would be set for nothing).
     if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
+        return None
+    try:
+        version = tuple(int(x) for x in os.uname().release.split("-")[0].split(".")[:2])
+    except ValueError:
+        return None
+    if version < (6, 12):
         return None
     return _CALLS.get(os.uname().machine)
 
@@ -108,21 +115,37 @@ def thread_slice_ns() -> int | None:
         return None
 
 
+def _write(policy: int, flags: int, nice: int, priority: int, slice_ns: int) -> None:
+    assert _NR is not None
+    attr = ctypes.create_string_buffer(
+        _ATTR.pack(_ATTR.size, policy, flags, nice, priority, slice_ns, 0, 0), _ATTR.size
+    )
+    _call(_NR[0], 0, attr, ctypes.c_uint(0))
+
+
 def _set(slice_ns: int) -> bool:
-    """Give the calling thread a slice of ``slice_ns`` (0: the kernel's default),
-    keeping its policy, nice value and priority; False if it was left alone."""
+    """Give the calling thread a slice of ``slice_ns`` (0: the kernel's default, and
+    its own reset-on-fork flag back), keeping its policy, nice value and priority;
+    False if it was left alone."""
     global _refused
     if _NR is None or (_refused and slice_ns):
         return False
+    holders = _holders
     try:
         _, policy, flags, nice, priority, _, _, _ = _get()
-        if policy not in _FAIR or nice < 0:
+        if policy not in _FAIR or (slice_ns and nice < 0):
             return False
-        flags = (flags & _RESET_ON_FORK) | (_RESET_ON_FORK if slice_ns else 0)
-        attr = ctypes.create_string_buffer(
-            _ATTR.pack(_ATTR.size, policy, flags, nice, priority, slice_ns, 0, 0), _ATTR.size
-        )
-        _call(_NR[0], 0, attr, ctypes.c_uint(0))
+        if slice_ns:
+            holders.own_flags = flags & _RESET_ON_FORK
+            _write(policy, _RESET_ON_FORK, nice, priority, slice_ns)
+            return True
+        try:
+            _write(policy, holders.own_flags, nice, priority, 0)
+        except PermissionError:
+            if holders.own_flags:
+                raise
+            # An unprivileged thread may not clear the flag: it keeps it.
+            _write(policy, _RESET_ON_FORK, nice, priority, 0)
     except OSError as exc:
         _refused = True
         level = logging.DEBUG if exc.errno in (errno.ENOSYS, errno.EPERM) else logging.INFO
@@ -133,6 +156,8 @@ def _set(slice_ns: int) -> bool:
 
 class _Holders(threading.local):
     count = 0  # hints of this thread that want the short slice
+    granted = False  # whether the thread has it (a refusal or a policy may deny it)
+    own_flags = 0  # the thread's reset-on-fork flag before it had it
 
 
 _holders = _Holders()
@@ -142,6 +167,7 @@ def _forked() -> None:
     # A forked child has only the thread that forked, and that thread's slice was
     # reset by the fork (reset-on-fork): none of its parent's hints holds it now.
     _holders.count = 0
+    _holders.granted = False
 
 
 if hasattr(os, "register_at_fork"):
@@ -186,8 +212,9 @@ class SliceHint:
         if short:
             holders.count += 1
             if holders.count == 1:
-                _set(self._slice_ns)
+                holders.granted = _set(self._slice_ns)
         elif holders.count > 0:  # (0: wanted before a fork; nothing to give back here)
             holders.count -= 1
-            if holders.count == 0:
+            if holders.count == 0 and holders.granted:
+                holders.granted = False
                 _set(0)
