@@ -98,12 +98,15 @@ def test_a_hint_gives_its_thread_the_slice_and_takes_it_back() -> None:
         hint.want(True)  # no change
         short = thread_slice_ns()
         hint.want(False)
-        return default, short, hint.short, thread_slice_ns()
+        return default, short, hint.short, thread_slice_ns(), os.sched_getscheduler(0)
 
     assert supported()
-    default, short, still_short, after = in_thread(run)
+    default, short, still_short, after, policy = in_thread(run)
     assert short == 3 * MIN_SLICE_NS and default != short
     assert not still_short and after == default
+    # Its own reset-on-fork flag (none) is back, where the thread may clear the flag.
+    privileged = os.geteuid() == 0
+    assert policy == (os.SCHED_OTHER if privileged else os.SCHED_OTHER | os.SCHED_RESET_ON_FORK)
 
 
 def test_the_thread_keeps_its_nice_value_and_others_keep_their_slice() -> None:
