@@ -176,28 +176,35 @@ def test_a_zero_slice_never_asks_and_a_batch_thread_gets_it() -> None:
     assert batch == (os.SCHED_BATCH | os.SCHED_RESET_ON_FORK, MIN_SLICE_NS)
 
 
-def test_the_reset_on_fork_flag_is_kept_and_a_negative_nice_is_left_alone() -> None:
+def test_the_threads_own_reset_on_fork_flag_is_kept() -> None:
     def run() -> tuple[Any, ...]:
-        default = thread_slice_ns()
         policy = os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
         os.sched_setscheduler(0, policy, os.sched_param(0))
         hint = SliceHint(MIN_SLICE_NS)
         hint.want(True)
         short = thread_slice_ns()
         hint.want(False)
-        kept = os.sched_getscheduler(0)
+        return short, os.sched_getscheduler(0)
+
+    short, kept = in_thread(run)
+    assert short == MIN_SLICE_NS
+    assert kept == os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
+
+
+def test_a_thread_with_a_negative_nice_value_is_left_alone() -> None:
+    def run() -> tuple[Any, ...]:
+        default = thread_slice_ns()
         try:
             os.setpriority(os.PRIO_PROCESS, 0, -1)
         except PermissionError:
-            return default, short, kept, None
+            return default, None
+        hint = SliceHint(MIN_SLICE_NS)
         hint.want(True)
         negative = thread_slice_ns()
         hint.want(False)
-        return default, short, kept, negative
+        return default, negative
 
-    default, short, kept, negative = in_thread(run)
-    assert short == MIN_SLICE_NS
-    assert kept == os.SCHED_OTHER | os.SCHED_RESET_ON_FORK
+    default, negative = in_thread(run)
     if negative is None:
         pytest.skip("lowering a nice value needs privilege (CAP_SYS_NICE)")
     assert negative == default

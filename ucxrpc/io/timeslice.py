@@ -82,8 +82,8 @@ _refused = False  # a request was refused once: never ask again in this process
 
 
 def supported() -> bool:
-    """Whether this system has the calls (Linux on 64-bit x86 or arm) and they have not
-    been refused. A kernel older than 6.12 accepts them but ignores the slice."""
+    """Whether a thread may choose its slice here (Linux 6.12 and later on 64-bit x86
+    or arm) and no request has been refused."""
     return _NR is not None and not _refused
 
 
