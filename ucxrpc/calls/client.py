@@ -22,6 +22,7 @@ from ..io import copier
 from ..io.control import initiate_handshake, read_message, write_message
 from ..io.link import Link
 from ..io.sched import PriorityLimiter
+from ..io.timers import Timer, Timers
 from ..protocol import CallIds
 from ..wire import codec
 from ..wire.codec import Flags, Kind
@@ -53,7 +54,7 @@ class _Call:
     def __init__(self, call_id: int, fut: asyncio.Future[Any]) -> None:
         self.call_id = call_id
         self.fut = fut
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
         self.metadata: Metadata | None = None
 
 
@@ -132,6 +133,8 @@ class Client:
     ) -> None:
         self._manager = manager
         self._loop = asyncio.get_running_loop()
+        # The deadlines of the calls and streams in flight (one loop timer for all).
+        self._timers = Timers(self._loop)
         self._pending: dict[int, _Call] = {}
         self._streams: dict[int, StreamCall] = {}
         self._pumps: dict[int, Pump] = {}
@@ -623,7 +626,7 @@ class Client:
             assert link is not None
             self._pending[call_id] = call
             if deadline is not None:
-                call.timer = loop.call_at(deadline, self._expire, call, method)
+                call.timer = self._timers.at(deadline, self._expire, call, method)
             pump = None
             engine = link.engine
             # The reply to a request whose large part the peer reads out of this
@@ -830,7 +833,7 @@ class Client:
                 0 if source is None else Flags.INPUT_STREAM,
             )
             if deadline is not None:
-                call.timer = loop.call_at(deadline, self._expire_stream, call, method)
+                call.timer = self._timers.at(deadline, self._expire_stream, call, method)
             assert self.link is not None
             self.link.send(call.call_id, encoded)
             if source is not None:

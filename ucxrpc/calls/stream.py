@@ -24,6 +24,7 @@ from ..wire.codec import Kind
 from .values import from_array
 
 if TYPE_CHECKING:
+    from ..io.timers import Timer
     from .client import Client
     from .context import Metadata
 
@@ -195,7 +196,7 @@ class StreamCall:
         self.done = False
         self.metadata: Metadata = {}
         self.unacked = 0
-        self.timer: asyncio.TimerHandle | None = None
+        self.timer: Timer | None = None
 
     @property
     def buffered(self) -> int:
