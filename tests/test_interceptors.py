@@ -241,3 +241,60 @@ async def test_logging_interceptor(
     assert " -> OK in " in lines[0][1]
     assert lines[1][0] == logging.WARNING and "refuse" in lines[1][1]
     assert "-> PERMISSION_DENIED" in lines[1][1]
+
+
+async def test_only_the_deadline_becomes_deadline_exceeded_on_the_server(
+    manager: ucxrpc.Manager,
+) -> None:
+    # A handler with a deadline of its own, cancelled by its caller or by the server's
+    # stop, is cancelled, not past its deadline; one that swallows its deadline's
+    # cancellation returns, and an enclosing scope sees no cancellation left over.
+    outcomes: list[tuple[str, str, int]] = []
+
+    async def seen(ctx: CallContext, proceed: Proceed) -> Any:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            result = await proceed()
+        except BaseException as exc:
+            outcomes.append((ctx.method, type(exc).__name__, task.cancelling()))
+            raise
+        outcomes.append((ctx.method, "ok", task.cancelling()))
+        return result
+
+    server = ucxrpc.Server(interceptors=[seen])
+    entered = asyncio.Event()
+
+    @server.rpc(timeout=30)
+    async def hang() -> None:
+        entered.set()
+        await asyncio.sleep(60)
+
+    @server.rpc(timeout=0.02)
+    async def swallow() -> str:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            return "partial"
+        return "never"
+
+    await server.start(manager)
+    async with await manager.connect("127.0.0.1", server.port) as client:
+        call = asyncio.ensure_future(client.call("hang"))
+        await entered.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await until(lambda: len(outcomes) == 1)
+        assert await client.call("swallow") == "partial"
+        entered.clear()
+        call = asyncio.ensure_future(client.call("hang"))
+        await entered.wait()
+        await server.stop(grace=0)
+        with pytest.raises(ucxrpc.RpcError):
+            await call
+    assert outcomes == [
+        ("hang", "CancelledError", 1),
+        ("swallow", "ok", 0),
+        ("hang", "CancelledError", 1),
+    ]

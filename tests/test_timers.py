@@ -26,22 +26,81 @@ def test_timers_fire_in_deadline_order_with_their_arguments_and_cancelled_ones_n
         now = loop.time()
         # Added out of order: each earlier one re-arms the loop's timer.
         for delay, name in [(0.06, "c"), (0.02, "a"), (0.04, "b"), (0.03, "x"), (0.01, "y")]:
-            timer = timers.at(now + delay, lambda n, d: fired.append((n, d)), name, delay)
+            timer = timers.at(
+                now + delay, lambda n, d: fired.append((n, loop.time() - (now + d))), name, delay
+            )
             if name in "xy":
                 timer.cancel()
                 assert timer.cancelled and not timer.fired
         assert len(timers) == 3
-        seen = []
-        # The loop runs its timers in the order they are due: by the time a timer
-        # of the loop's own, due between two of ours, runs, the first has fired.
-        for until in (0.03, 0.05, 0.07):
-            await asyncio.sleep(now + until - loop.time())
-            seen.append(list(fired))
+        done = loop.create_future()
+        timers.at(now + 0.07, done.set_result, None)
+        await done
         assert len(timers) == 0 and timers.held == 0
-        return seen
+        return fired
 
-    a, b, c = ("a", 0.02), ("b", 0.04), ("c", 0.06)
-    assert run(main) == [[a], [a, b], [a, b, c]]
+    fired = run(main)
+    assert [name for name, _ in fired] == ["a", "b", "c"]
+    assert all(late > -0.0011 for _, late in fired)  # none before its time
+
+
+def test_an_earlier_timer_re_arms_the_loops_timer() -> None:
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        timers = Timers(loop)
+        timers.at(loop.time() + 30, print, "far")
+        fired = loop.create_future()
+        when = loop.time() + 0.01
+        timers.at(when, lambda: fired.set_result(loop.time()))
+        return await asyncio.wait_for(fired, 5) - when
+
+    assert -0.0011 < run(main) < 5
+
+
+def test_a_callback_may_cancel_hundreds_of_timers_due_with_it() -> None:
+    # Enough cancels to rebuild the heap while it is being emptied.
+    async def main() -> tuple[list[str], int, int]:
+        loop = asyncio.get_running_loop()
+        timers = Timers(loop)
+        fired: list[str] = []
+        when = loop.time() + 0.01
+        victims = []
+
+        def first() -> None:
+            fired.append("first")
+            for victim in victims:
+                victim.cancel()
+
+        timers.at(when, first)
+        victims.extend(timers.at(when, fired.append, "victim") for _ in range(600))
+        done = loop.create_future()
+        timers.at(when + 0.01, lambda: (fired.append("later"), done.set_result(None)))
+        await done
+        return fired, len(timers), timers.held
+
+    assert run(main) == (["first", "later"], 0, 0)
+
+
+def test_a_timer_added_by_a_callback_fires_in_a_later_pass() -> None:
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        timers = Timers(loop)
+        order: list[str] = []
+        done = loop.create_future()
+
+        def again(n: int) -> None:
+            order.append(f"timer {n}")
+            if n < 3:
+                timers.at(loop.time() - 1, again, n + 1)  # already due
+                loop.call_soon(order.append, f"soon {n}")
+            else:
+                done.set_result(None)
+
+        timers.at(loop.time() + 0.005, again, 1)
+        await done
+        return order
+
+    assert run(main) == ["timer 1", "soon 1", "timer 2", "soon 2", "timer 3"]
 
 
 def test_a_deadline_already_passed_fires_in_a_later_loop_iteration() -> None:
@@ -79,8 +138,8 @@ def test_the_heap_stays_within_twice_the_live_timers_and_cancelled_ones_hold_not
             most = max(most, timers.held)
         del big
         assert len(timers) == 100
-        # Rebuilt whenever the cancelled entries outnumber the live ones (and 256).
-        assert most <= 2 * 100 + 257
+        # Rebuilt once the cancelled entries outnumber the live ones and 256.
+        assert most <= 100 + 257
         assert all(ref() is None for ref in refs)
         for timer in live:
             timer.cancel()

@@ -352,6 +352,8 @@ class Server:
             for task in stuck:
                 task.cancel()
         await tcp.wait_closed()
+        if self._timers is not None:
+            self._timers.close()  # (a call that ignored its cancellation runs unbounded)
         if self._manager is not None:
             self._manager.disown(self)
         assert self._stopped is not None
@@ -555,16 +557,24 @@ class Server:
         assert task is not None and self._timers is not None
         cancelling = task.cancelling()
         timer = self._timers.at(deadline, task.cancel)
+        withdrawn = False
         try:
             return await self._execute(conn, header.call_id, handler, args, kwargs)
         except asyncio.CancelledError:
             # Only the deadline's own cancellation becomes DeadlineExceeded: not the
             # caller's cancel or the connection's close, even when they come too.
-            if timer.fired and task.uncancel() <= cancelling:
-                raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
+            if timer.fired:
+                withdrawn = True
+                if task.uncancel() <= cancelling:
+                    raise DeadlineExceeded(f"{header.method!r} ran past its deadline") from None
             raise
         finally:
             timer.cancel()
+            if timer.fired and not withdrawn:
+                # The handler swallowed the deadline's cancellation (or turned it into
+                # something else): withdraw the request anyway, as asyncio.timeout
+                # does, or an enclosing timeout or task group would take it for theirs.
+                task.uncancel()
 
     async def _execute(
         self,

@@ -2,31 +2,33 @@
 
 Every call with a deadline needs a timer, and nearly every one of them is cancelled
 (the call ends in time). An event-loop timer per call costs a libuv handle made,
-started, stopped and freed (about 2.5 µs with uvloop here), and an ``asyncio.timeout``
+started, stopped and freed (about 2.6 µs with uvloop here), and an ``asyncio.timeout``
 scope around a handler about 6.5 µs; a push onto a heap and a flag cost about 0.5 µs.
 :class:`Timers` keeps the heap and arms the loop's timer only for the earliest live
-deadline. Cancelled timers drop their callback at once and leave the heap in bulk, so
-the heap stays within twice the live timers (plus a constant).
+deadline. Cancelled timers drop their callback at once and leave the heap in bulk:
+once they outnumber both the live ones and 256, the heap is rebuilt without them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import math
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["Timer", "Timers"]
 
-#: Cancelled entries the heap may hold before it is rebuilt without them (and never
-#: more than the live ones): rebuilding costs a pass over the heap.
+#: The heap is rebuilt without its cancelled entries once they outnumber both the live
+#: ones and this: a rebuild costs a pass over the heap.
 _COMPACT_AFTER = 256
 
 
 class Timer:
-    """One deadline in a :class:`Timers` heap (like :class:`asyncio.TimerHandle`).
+    """One deadline in a :class:`Timers` heap, made by :meth:`Timers.at`.
+
+    Unlike :class:`asyncio.TimerHandle`, ``cancelled`` is an attribute, and it is also
+    True once the timer has fired (it can fire no more).
 
     Attributes:
         when: The loop time it is due at.
@@ -49,10 +51,10 @@ class Timer:
     def cancel(self) -> None:
         """Never call the callback (no effect once it was called, or a second time)."""
         if not self.cancelled:
-            self.forget()
-            self._owner.dropped()
+            self._forget()
+            self._owner._dropped()
 
-    def forget(self) -> None:
+    def _forget(self) -> None:
         """Mark it cancelled and let go of what the callback holds, without telling the
         heap (which does this itself when it lets go of every timer at once)."""
         # At once: the entry may wait in the heap until its deadline or a rebuild.
@@ -60,10 +62,10 @@ class Timer:
         self._callback = None
         self._args = ()
 
-    def fire(self) -> None:
-        """Call the callback now (the heap does, once the deadline is due)."""
+    def _fire(self) -> None:
+        # (The heap has popped it already: nothing to tell it.)
         callback, args = self._callback, self._args
-        self.forget()
+        self._forget()
         self.fired = True
         if callback is not None:
             callback(*args)
@@ -80,7 +82,7 @@ class Timers:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._heap: list[tuple[float, int, Timer]] = []
-        self._seq = itertools.count()
+        self._seq = 0
         self._dead = 0
         self._handle: asyncio.TimerHandle | None = None
         self._armed_for = math.inf
@@ -99,11 +101,17 @@ class Timers:
         """Call ``callback(*args)`` at loop time ``when`` (at once, in a later loop
         iteration, if that has passed).
 
+        Args:
+            when: The deadline, in the loop's clock.
+            callback: Called once, from the loop, unless cancelled first.
+            *args: Passed to ``callback``.
+
         Returns:
             The timer, to :meth:`Timer.cancel`.
         """
         timer = Timer(self, when, callback, args)
-        heapq.heappush(self._heap, (when, next(self._seq), timer))
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, timer))
         if when < self._armed_for:
             self._arm(when)
         return timer
@@ -111,7 +119,7 @@ class Timers:
     def close(self) -> None:
         """Cancel every timer (and the loop's timer)."""
         for _, _, timer in self._heap:
-            timer.forget()
+            timer._forget()
         self._heap.clear()
         self._dead = 0
         if self._handle is not None:
@@ -119,8 +127,9 @@ class Timers:
             self._handle = None
         self._armed_for = math.inf
 
-    def dropped(self) -> None:
-        """A timer of this heap was cancelled (called by :meth:`Timer.cancel`)."""
+    def _dropped(self) -> None:
+        # A timer of this heap was cancelled. (The rebuild is in place: _due, which
+        # a callback's cancel may reach, holds the same list.)
         self._dead += 1
         heap = self._heap
         if self._dead > _COMPACT_AFTER and self._dead * 2 > len(heap):
@@ -137,26 +146,30 @@ class Timers:
     def _due(self) -> None:
         # The loop ran its timer for _armed_for: everything due by then is due now,
         # even where loop.time() still reads a little short of it (libuv counts
-        # whole milliseconds), as asyncio.timeout's scopes would see it.
+        # whole milliseconds), as asyncio.timeout's scopes would see it. Timers that
+        # callbacks add now wait for the next pass (a later loop iteration).
         self._handle = None
         due = max(self._loop.time(), self._armed_for)
+        last = self._seq
         self._armed_for = math.inf
         heap = self._heap
-        while heap and heap[0][0] <= due:
-            timer = heapq.heappop(heap)[2]
-            if timer.cancelled:
+        try:
+            while heap and heap[0][0] <= due and heap[0][1] <= last:
+                timer = heapq.heappop(heap)[2]
+                if timer.cancelled:
+                    self._dead -= 1
+                    continue
+                try:
+                    timer._fire()
+                except (SystemExit, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:  # as the loop reports a failing callback
+                    self._loop.call_exception_handler(
+                        {"message": "exception in a timer callback", "exception": exc}
+                    )
+        finally:
+            while heap and heap[0][2].cancelled:
+                heapq.heappop(heap)
                 self._dead -= 1
-                continue
-            try:
-                timer.fire()
-            except (SystemExit, KeyboardInterrupt):
-                raise
-            except BaseException as exc:  # as the loop reports a failing callback
-                self._loop.call_exception_handler(
-                    {"message": "exception in a timer callback", "exception": exc}
-                )
-        while heap and heap[0][2].cancelled:
-            heapq.heappop(heap)
-            self._dead -= 1
-        if heap:
-            self._arm(heap[0][0])
+            if heap:
+                self._arm(heap[0][0])
