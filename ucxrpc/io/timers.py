@@ -93,8 +93,9 @@ class Timers:
 
     @property
     def held(self) -> int:
-        """Entries in the heap, cancelled ones included (at most twice the live ones,
-        plus a constant)."""
+        """Entries in the heap, cancelled ones included. A cancel rebuilds it once the
+        cancelled ones outnumber both the live ones and 256; timers that fire leave it
+        by themselves."""
         return len(self._heap)
 
     def at(self, when: float, callback: Callable[..., object], *args: Any) -> Timer:
